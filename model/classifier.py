@@ -83,21 +83,26 @@ class Classifier:
         """Decoded grayscale image -> normalised model input (1 x S x S)."""
         return normalize(resize_square(gray, self.meta.input_size), self.meta.mean, self.meta.std)
 
-    def _probs(self, logits: torch.Tensor) -> np.ndarray:
-        p = torch.softmax(logits.float() / self.meta.temperature, dim=1)[:, self.meta.positive_index]
+    def _probs(self, logits: torch.Tensor, temperature: float | None = None) -> np.ndarray:
+        t = self.meta.temperature if temperature is None else temperature
+        p = torch.softmax(logits.float() / t, dim=1)[:, self.meta.positive_index]
         return p.detach().cpu().numpy().astype(np.float64)
 
     # ---- prediction -------------------------------------------------------------------------
-    def predict_tensor(self, batch: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-        """Preprocessed N x C x S x S tensor -> calibrated P(positive) per row."""
+    def logits(self, batch: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Preprocessed N x C x S x S tensor -> raw logits (N x classes, CPU, before temperature)."""
         out = []
         with torch.inference_mode():
             for i in range(0, len(batch), batch_size):
                 x = batch[i : i + batch_size].to(self.device, non_blocking=True)
                 if self.device.type == "cuda":
                     x = x.to(memory_format=torch.channels_last)
-                out.append(self._probs(self._net(x)))
-        return np.concatenate(out) if out else np.zeros(0)
+                out.append(self._net(x).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.meta.num_classes)
+
+    def predict_tensor(self, batch: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+        """Preprocessed N x C x S x S tensor -> calibrated P(positive) per row."""
+        return self._probs(self.logits(batch, batch_size))
 
     def predict_proba(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """P(pneumonia) for one image or a sequence of images (bytes, paths, PIL, arrays)."""

@@ -1,0 +1,147 @@
+"""Score a model on a labelled split and write the report the Model Report page reads.
+
+    python -m training.evaluate --model assets/model --data-dir ../shared/data/chest_xray --split test --out report.json
+
+Report format (JSON, ``format_version`` 1):
+
+- ``model``: name, architecture, weights_sha256, temperature
+- ``data``: source, split, n, n_positive, n_negative, skipped (unreadable files with reasons)
+- ``threshold`` and ``operating_points``: the model's own (chosen on its validation split; never
+  re-tuned on the data being evaluated)
+- ``auc``: value, ci95 (stratified percentile bootstrap), n_boot
+- ``metrics``: for ``default`` and each operating point: threshold, accuracy, sensitivity,
+  specificity, ppv, npv, f1, brier, ece, confusion_matrix {tn, fp, fn, tp}
+- ``calibration``: temperature and reliability bins (+ ECE, Brier) for ``uncalibrated`` (T = 1)
+  and ``calibrated`` scores
+- ``items``: one row per image: file, label (class name), y (0/1), score (calibrated
+  P(pneumonia)), score_uncalibrated
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import brier_score_loss
+
+from model import Classifier, load_model
+from model.metrics import auc_with_ci, reliability, summary
+from model.preprocessing import normalize
+
+from .data import CLASS_NAMES, DataError, Sample, load_images, load_samples, read_split
+
+REPORT_VERSION = 1
+
+
+def score_samples(clf: Classifier, samples: list[Sample], batch_size: int = 64, cache_dir=None, workers: int = 2, progress: bool = True):
+    """Raw logits for every readable sample (through the shared preprocessing)."""
+    images, labels, kept, skipped = load_images(samples, clf.meta.input_size, cache_dir, workers, progress)
+    batch = normalize(images, clf.meta.mean, clf.meta.std)
+    return clf.logits(batch, batch_size), labels.numpy(), kept, skipped
+
+
+def build_report(clf: Classifier, logits: torch.Tensor, y: np.ndarray, samples: list[Sample], source: str, split: str,
+                 skipped: list[str] = (), n_boot: int = 1000, root: str | Path | None = None) -> dict:
+    meta = clf.meta
+    p = clf._probs(logits)
+    p_raw = clf._probs(logits, temperature=1.0)
+    points = {"default": meta.threshold, **meta.operating_points}
+
+    def name(s: Sample) -> str:
+        if root is not None:
+            try:
+                return str(Path(s.path).resolve().relative_to(Path(root).resolve()))
+            except ValueError:
+                pass
+        return Path(s.path).name
+
+    return {
+        "format_version": REPORT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": clf.name, "architecture": meta.architecture, "weights_sha256": meta.weights_sha256,
+                  "temperature": meta.temperature},
+        "data": {"source": source, "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
+                 "n_negative": int(len(y) - y.sum()), "skipped": list(skipped)},
+        "threshold": meta.threshold,
+        "operating_points": dict(meta.operating_points),
+        "auc": auc_with_ci(y, p, n_boot=n_boot),
+        "metrics": {k: summary(y, p, t) for k, t in points.items()},
+        "calibration": {
+            "temperature": meta.temperature,
+            "uncalibrated": {**reliability(y, p_raw), "brier": float(brier_score_loss(y, p_raw))},
+            "calibrated": {**reliability(y, p), "brier": float(brier_score_loss(y, p))},
+        },
+        "items": [
+            {"file": name(s), "label": CLASS_NAMES[int(t)], "y": int(t), "score": float(a), "score_uncalibrated": float(b)}
+            for s, t, a, b in zip(samples, y, p, p_raw)
+        ],
+    }
+
+
+def format_report(report: dict) -> str:
+    auc = report["auc"]
+    d = report["data"]
+    lines = [
+        f"{report['model']['name']} on {d['split']} ({d['n']} images: {d['n_positive']} pneumonia, {d['n_negative']} normal"
+        + (f"; {len(d['skipped'])} skipped" if d["skipped"] else "") + ")",
+        f"AUC {auc['value']:.4f}  (95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f})   "
+        f"ECE {report['calibration']['uncalibrated']['ece']:.4f} -> {report['calibration']['calibrated']['ece']:.4f} "
+        f"with T={report['calibration']['temperature']:.3f}",
+        "",
+        f"{'operating point':<18}{'thr':>7}{'acc':>7}{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'F1':>7}{'Brier':>7}   TN  FP  FN  TP",
+    ]
+    for k, m in report["metrics"].items():
+        cm = m["confusion_matrix"]
+        lines.append(
+            f"{k:<18}{m['threshold']:>7.3f}{m['accuracy']:>7.3f}{m['sensitivity']:>7.3f}{m['specificity']:>7.3f}"
+            f"{m['ppv']:>7.3f}{m['npv']:>7.3f}{m['f1']:>7.3f}{m['brier']:>7.3f}  {cm['tn']:>4}{cm['fp']:>4}{cm['fn']:>4}{cm['tp']:>4}"
+        )
+    return "\n".join(lines)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a chest X-ray model artifact on labelled data", add_help=add_help)
+    p.add_argument("--model", default=None, help="model directory (default: $CXR_MODEL_DIR or assets/model)")
+    p.add_argument("--data-dir", default=None, help="root in Kaggle layout: <root>/<split>/{NORMAL,PNEUMONIA}")
+    p.add_argument("--split", default="test", help="sub-folder of --data-dir to score (default: test)")
+    p.add_argument("--manifest", default=None, help="CSV with path,label[,patient_id] instead of --data-dir")
+    p.add_argument("--split-file", default=None,
+                   help="a split.csv written by training; scores its --subset (paths relative to --data-dir)")
+    p.add_argument("--subset", default="val", help="subset of --split-file to score (default: val)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--batch-size", default=64, type=int)
+    p.add_argument("--workers", default=2, type=int, help="decode threads")
+    p.add_argument("--n-boot", default=1000, type=int, help="bootstrap resamples for the AUC CI")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None, help="reuse decoded images (same cache as training)")
+    return p
+
+
+def main(args) -> dict:
+    clf = load_model(args.model, device=args.device)
+    if args.split_file:
+        samples = read_split(args.split_file, args.subset, root=args.data_dir)
+        source, split = args.split_file, args.subset
+    else:
+        samples = load_samples(args.data_dir, args.split, args.manifest)
+        source, split = (args.manifest or args.data_dir), (None if args.manifest else args.split)
+    logits, y, kept, skipped = score_samples(clf, samples, args.batch_size, args.cache_dir, args.workers)
+    report = build_report(clf, logits, y, kept, str(source), split or "manifest", skipped, args.n_boot, root=args.data_dir)
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report written to {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except DataError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,400 @@
+"""Train a pneumonia classifier from scratch and write a model artifact the app loads as is.
+
+    python -m training.train --data-dir ../shared/data/chest_xray --out runs/resnet18
+    torchrun --nproc_per_node=2 -m training.train ...   # DistributedDataParallel (gloo on CPU, nccl on CUDA)
+
+Shaped after torchvision's references/classification/train.py: get_args_parser(), main(args),
+train_one_epoch(), evaluate().
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from model import ModelMeta, create_model, load_model, save_artifact
+from model.artifact import HISTORY_FILE, META_FILE, REPORT_FILE, SPLIT_FILE, ModelArtifactError
+from model.metrics import operating_points, threshold_metrics
+from model.registry import PretrainedWeightsUnavailable, list_models
+
+from .calibration import fit_temperature
+from .data import (
+    CLASS_NAMES, DataError, XrayTensorDataset, grouped_split, load_images, load_samples, train_transform, write_split,
+)
+from .evaluate import build_report, format_report
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def init_distributed(args) -> None:
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.rank = int(os.environ.get("RANK", 0))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    args.distributed = args.world_size > 1
+    if args.distributed:
+        backend = "nccl" if args.device.type == "cuda" else "gloo"
+        if args.device.type == "cuda":
+            torch.cuda.set_device(args.local_rank)
+            args.device = torch.device("cuda", args.local_rank)
+        dist.init_process_group(backend=backend)
+
+
+def is_main(args) -> bool:
+    return args.rank == 0
+
+
+def gather_predictions(args, idx: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collect (index, logits) from every rank, dropping the DistributedSampler's padding duplicates."""
+    if not args.distributed:
+        return idx, logits
+    parts = [None] * args.world_size
+    dist.all_gather_object(parts, (idx.cpu(), logits.cpu()))
+    all_idx = torch.cat([p[0] for p in parts])
+    all_logits = torch.cat([p[1] for p in parts])
+    uniq, first = np.unique(all_idx.numpy(), return_index=True)
+    return torch.from_numpy(uniq), all_logits[torch.from_numpy(first)]
+
+
+def all_reduce_mean(args, value: float, count: int) -> float:
+    if not args.distributed:
+        return value
+    t = torch.tensor([value * count, count], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# one epoch / evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def autocast(args):
+    dtype = torch.float16 if args.device.type == "cuda" else torch.bfloat16
+    return torch.autocast(args.device.type, dtype=dtype, enabled=args.amp)
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None) -> dict:
+    model.train()
+    total, n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(args) or args.quiet, leave=False)
+    for images, target in bar:
+        images, target = images.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
+        if args.channels_last:
+            images = images.to(memory_format=torch.channels_last)
+        with autocast(args):
+            loss = criterion(model(images), target)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total += loss.item() * len(target)
+        n += len(target)
+        seen += len(target) * args.world_size
+        rate = seen / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{total / n:.4f}", img_s=f"{rate:.1f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    seconds = time.perf_counter() - t0
+    return {"train_loss": all_reduce_mean(args, total / max(n, 1), n), "train_seconds": seconds,
+            "train_img_per_s": seen / seconds}
+
+
+@torch.inference_mode()
+def evaluate(model, criterion, loader, args) -> dict:
+    """Validation loss, AUC and accuracy (at argmax) over the whole split, gathered across ranks."""
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    model.eval()
+    idx_parts, logit_parts = [], []
+    for idx, (images, _target) in loader:
+        images = images.to(args.device, non_blocking=True)
+        if args.channels_last:
+            images = images.to(memory_format=torch.channels_last)
+        with autocast(args):
+            logit_parts.append(model(images).float().cpu())
+        idx_parts.append(idx)
+    idx, logits = gather_predictions(args, torch.cat(idx_parts), torch.cat(logit_parts))
+    y = loader.dataset.labels[idx]
+    prob = torch.softmax(logits, 1)[:, 1].numpy()
+    return {
+        "val_loss": float(criterion(logits, y).item()),
+        "val_auc": float(roc_auc_score(y.numpy(), prob)),
+        "val_accuracy": float(accuracy_score(y.numpy(), (prob >= 0.5).astype(int))),
+        "_logits": logits, "_labels": y,
+    }
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Yields (index, item) so predictions can be gathered across ranks without duplicates."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.labels = ds.labels
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return i, self.ds[i]
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a chest X-ray pneumonia classifier", add_help=add_help)
+    p.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"), help="Kaggle layout root (<root>/train/{NORMAL,PNEUMONIA}); env CXR_DATA_DIR")
+    p.add_argument("--manifest", default=None, help="CSV path,label[,patient_id] instead of --data-dir")
+    p.add_argument("--train-split", default="train", help="sub-folder of --data-dir to train on")
+    p.add_argument("--out", required=True, help="artifact directory to write (weights, model.json, report, history, split)")
+    p.add_argument("--arch", default="resnet18", choices=list_models())
+    p.add_argument("--image-size", default=192, type=int)
+    p.add_argument("--epochs", default=20, type=int)
+    p.add_argument("--batch-size", default=32, type=int, help="per process")
+    p.add_argument("--lr", default=2e-3, type=float)
+    p.add_argument("--weight-decay", default=0.05, type=float)
+    p.add_argument("--warmup-epochs", default=1.0, type=float)
+    p.add_argument("--label-smoothing", default=0.05, type=float)
+    p.add_argument("--ema-decay", default=0.998, type=float, help="per-step EMA of weights; 0 disables")
+    p.add_argument("--patience", default=6, type=int, help="early stopping: epochs without a better val AUC")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--val-fraction", default=0.2, type=float)
+    p.add_argument("--max-per-class", default=None, type=int, help="use at most N images per class (smoke tests)")
+    p.add_argument("--workers", default=0, type=int, help="DataLoader workers (augmentation is cheap; 0 is fastest on 2 cores)")
+    p.add_argument("--decode-workers", default=2, type=int, help="threads for the one-time decode")
+    p.add_argument("--cache-dir", default=os.environ.get("CXR_CACHE_DIR", str(Path.home() / ".cache" / "cxr-pneumonia")),
+                   help="on-disk cache of decoded images ('' disables)")
+    p.add_argument("--resume", default="", help=f"path to a {CHECKPOINT_FILE} to continue from")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs internet)")
+    p.add_argument("--min-sensitivity", default=0.95, type=float, help="for the high-sensitivity operating point")
+    p.add_argument("--n-boot", default=1000, type=int, help="bootstrap resamples for the report's AUC CI")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, floor: float = 0.01):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def choose_default_threshold(points: dict, sensitivity_at_youden: float, min_sensitivity: float) -> tuple[float, str]:
+    """Youden's J if it keeps validation sensitivity >= ``min_sensitivity``, else the high-sensitivity point.
+
+    Youden's J sits where the ROC curve is furthest from chance, so it moves little with validation
+    noise; the sensitivity floor reflects that in screening a missed pneumonia costs more than a
+    false alarm.
+    """
+    if sensitivity_at_youden >= min_sensitivity:
+        return points["youden"], "youden"
+    return points["high_sensitivity"], "high_sensitivity"
+
+
+def main(args) -> Path | None:
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    init_distributed(args)
+    seed_everything(args.seed)
+    args.channels_last = args.device.type == "cuda"
+    out = Path(args.out)
+    log = print if is_main(args) else (lambda *a, **k: None)
+
+    # ---- data: errors surface here, before any training --------------------------------------
+    samples = load_samples(args.data_dir, args.train_split, args.manifest)
+    if args.max_per_class:
+        samples = [s for c in (0, 1) for s in [x for x in samples if x.label == c][: args.max_per_class]]
+    train_s, val_s = grouped_split(samples, args.val_fraction, args.seed)
+    cache = args.cache_dir or None
+    tr_img, tr_y, train_s, skipped_tr = load_images(train_s, args.image_size, cache, args.decode_workers, is_main(args) and not args.quiet)
+    va_img, va_y, val_s, skipped_va = load_images(val_s, args.image_size, cache, args.decode_workers, is_main(args) and not args.quiet)
+    skipped = skipped_tr + skipped_va
+    for msg in skipped:
+        log(f"skipped unreadable image: {msg}")
+    mean = float(tr_img.float().mean() / 255.0)
+    std = float(tr_img.float().std() / 255.0)
+    counts = torch.bincount(tr_y, minlength=2).float()
+    class_weights = (counts.sum() / (2 * counts)).to(args.device)
+    log(f"train {len(tr_y)} images ({int(counts[0])} normal, {int(counts[1])} pneumonia; "
+        f"{len({s.patient for s in train_s})} patients), val {len(va_y)} images "
+        f"({len({s.patient for s in val_s})} patients), skipped {len(skipped)}; mean {mean:.4f} std {std:.4f}")
+
+    train_ds = XrayTensorDataset(tr_img, tr_y, mean, std, train_transform(args.image_size))
+    val_ds = Indexed(XrayTensorDataset(va_img, va_y, mean, std))
+    if args.distributed:
+        train_sampler = torch.utils.data.distributed.DistributedSampler(train_ds, shuffle=True, seed=args.seed)
+        val_sampler = torch.utils.data.distributed.DistributedSampler(val_ds, shuffle=False)
+    else:
+        train_sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(args.seed))
+        val_sampler = torch.utils.data.SequentialSampler(val_ds)
+    train_loader = torch.utils.data.DataLoader(train_ds, args.batch_size, sampler=train_sampler, drop_last=True,
+                                               num_workers=args.workers, persistent_workers=args.workers > 0)
+    val_loader = torch.utils.data.DataLoader(val_ds, 128, sampler=val_sampler, num_workers=0)
+    if len(train_loader) == 0:
+        raise DataError(f"Only {len(tr_y)} training images: fewer than one batch of {args.batch_size}.")
+
+    # ---- model, optimiser, schedule ----------------------------------------------------------
+    model = create_model(args.arch, num_classes=2, in_chans=1, pretrained=args.pretrained).to(args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
+    ddp_model = nn.parallel.DistributedDataParallel(model) if args.distributed else model
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss(weight=class_weights.cpu())
+    decay, no_decay = [], []
+    for n_, p_ in model.named_parameters():
+        (no_decay if p_.ndim <= 1 else decay).append(p_)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(args.warmup_epochs * steps), args.epochs * steps))
+    scaler = torch.amp.GradScaler("cuda") if args.amp and args.device.type == "cuda" else None
+
+    history, start_epoch, best = [], 0, {"val_auc": -1.0, "val_loss": float("inf"), "epoch": -1, "state": None, "source": None}
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        history, start_epoch, best = ckpt["history"], ckpt["epoch"] + 1, ckpt["best"]
+        torch.set_rng_state(ckpt["rng"])
+        log(f"resumed from {args.resume} at epoch {start_epoch + 1}")
+
+    # ---- loop --------------------------------------------------------------------------------
+    if is_main(args):
+        out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        if args.distributed:
+            train_sampler.set_epoch(epoch)
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
+        row.update(train_one_epoch(ddp_model, criterion, optimizer, scheduler, train_loader, args, epoch, scaler, ema))
+        t_eval = time.perf_counter()
+        candidates = {"model": evaluate(model, eval_criterion, val_loader, args)}
+        if ema is not None:
+            candidates["ema"] = evaluate(ema.module, eval_criterion, val_loader, args)
+        for k, r in candidates.items():
+            row.update({f"{key}{'' if k == 'model' else '_ema'}": v for key, v in r.items() if not key.startswith("_")})
+        row["eval_seconds"] = time.perf_counter() - t_eval
+        row["seconds"] = row["train_seconds"] + row["eval_seconds"]
+        improved = False
+        for k, r in candidates.items():  # best on val AUC; ties (to 4 d.p.) go to the lower val loss
+            key = (round(r["val_auc"], 4), -r["val_loss"])
+            if key > (round(best["val_auc"], 4), -best["val_loss"]):
+                src = model if k == "model" else ema.module
+                best = {"val_auc": r["val_auc"], "val_loss": r["val_loss"], "epoch": epoch + 1, "source": k,
+                        "state": {n_: t.detach().cpu().clone() for n_, t in src.state_dict().items()}}
+                improved = True
+        history.append(row)
+        log(f"epoch {epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_auc {row['val_auc']:.4f}" + (f"  ema_auc {row['val_auc_ema']:.4f}" if ema is not None else "")
+            + f"  {row['train_img_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *" if improved else ""))
+        if is_main(args):
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                        "history": history, "best": best, "rng": torch.get_rng_state(), "args": _jsonable(vars(args))},
+                       out / CHECKPOINT_FILE)
+        if epoch + 1 - best["epoch"] >= args.patience:
+            log(f"early stop: no better validation AUC for {args.patience} epochs")
+            break
+    wall = time.perf_counter() - t_start
+
+    if args.distributed:
+        dist.barrier()
+    if not is_main(args):
+        dist.destroy_process_group()
+        return None
+
+    # ---- finalise: calibrate, choose operating points, write the artifact ---------------------
+    model.load_state_dict(best["state"])
+    model.eval()
+    val_eval = evaluate(model, eval_criterion, val_loader, argparse.Namespace(**{**vars(args), "distributed": False}))
+    temperature = fit_temperature(val_eval["_logits"], val_eval["_labels"])
+    probs = torch.softmax(val_eval["_logits"] / temperature, 1)[:, 1].numpy()
+    y = val_eval["_labels"].numpy()
+    points = operating_points(y, probs, args.min_sensitivity)
+    sens_youden = threshold_metrics(y, probs, points["youden"])["sensitivity"]
+    threshold, rule = choose_default_threshold(points, sens_youden, args.min_sensitivity)
+
+    meta = ModelMeta(
+        architecture=args.arch, input_size=args.image_size, mean=mean, std=std, class_names=list(CLASS_NAMES),
+        temperature=temperature, threshold=threshold, operating_points=points,
+        name=f"cxr-{args.arch}-{args.image_size}",
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        training={
+            "command": "python -m training.train " + " ".join(sys.argv[1:]),
+            "data": str(args.manifest or args.data_dir), "train_images": len(tr_y), "val_images": len(va_y),
+            "val_patients": len({s.patient for s in val_s}), "skipped_images": len(skipped),
+            "epochs_run": len(history), "best_epoch": best["epoch"], "best_weights": best["source"],
+            "seed": args.seed, "world_size": args.world_size, "device": str(args.device),
+            "wall_seconds": round(wall, 1), "default_threshold_rule": rule, "pretrained": args.pretrained,
+            "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                                                               "label_smoothing", "ema_decay", "patience", "val_fraction")},
+        },
+    )
+    write_split(out / SPLIT_FILE, train_s, val_s, root=args.data_dir)
+    (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    save_artifact(out, model, meta)
+    # the report is produced from the artifact exactly as written, through the app's own loader
+    clf = load_model(out, device=str(args.device))
+    report = build_report(clf, clf.logits(torch.stack([val_ds.ds[i][0] for i in range(len(val_ds))])), y, val_s,
+                          str(out / SPLIT_FILE), "val", skipped, args.n_boot, root=args.data_dir)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    d = report["metrics"]["default"]
+    meta.metrics = {"split": "validation (patient-grouped, from train)", "n": report["data"]["n"],
+                    "auc": report["auc"]["value"], "auc_ci95": report["auc"]["ci95"],
+                    **{k: d[k] for k in ("threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "ece")}}
+    (out / META_FILE).write_text(meta.to_json())  # weights untouched: the checksum stays valid
+    print(format_report(report))
+    print(f"artifact written to {out} ({wall / 60:.1f} min of training)")
+    if args.distributed:
+        dist.destroy_process_group()
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (DataError, PretrainedWeightsUnavailable, ModelArtifactError) as err:
+        sys.exit(f"error: {err}")
