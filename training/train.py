@@ -175,7 +175,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact directory to write (weights, model.json, report, history, split)")
     p.add_argument("--arch", default="resnet18", choices=list_models())
     p.add_argument("--image-size", default=192, type=int)
-    p.add_argument("--epochs", default=20, type=int)
+    p.add_argument("--epochs", default=16, type=int)
     p.add_argument("--batch-size", default=32, type=int, help="per process")
     p.add_argument("--lr", default=2e-3, type=float)
     p.add_argument("--weight-decay", default=0.05, type=float)

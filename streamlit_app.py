@@ -1,0 +1,19 @@
+"""Entry point: ``uv run streamlit run streamlit_app.py``.
+
+Page config and navigation only; each page in ``pages/`` stays thin and starts with ``ui.state.page_setup()``.
+"""
+
+import streamlit as st
+
+st.set_page_config(
+    page_title="Chest X-ray pneumonia screening (research)",
+    page_icon=":material/radiology:",
+    layout="wide",
+    menu_items={"About": "Open pneumonia-screening dashboard for chest X-rays. Research/education tool, not a medical device."},
+)
+
+pages = [
+    st.Page("pages/diagnose.py", title="Diagnose", icon=":material/radiology:", default=True),
+    st.Page("pages/report.py", title="Model report", icon=":material/monitoring:"),
+]
+st.navigation(pages).run()  # each page renders the shared sidebar via ui.state.page_setup()

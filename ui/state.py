@@ -1,0 +1,131 @@
+"""Streamlit glue shared by the pages: the cached model, shared threshold state, the sidebar.
+
+The decision threshold and uncertainty band live in ``st.session_state`` under plain keys
+(``threshold``, ``band``); the sidebar widgets that edit them are rendered on every page, so a
+value tuned on one page is the value the other page uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+import model
+from model.artifact import ModelArtifactError
+from model.report import EvaluationReport, ReportError
+
+DEFAULT_BAND = 0.10
+DISCLAIMER = (
+    "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions. "
+    "Trained on paediatric (age 1-5) AP chest films from one centre; results on other populations are unknown."
+)
+PRESET_LABELS = {"default": "Default", "youden": "Youden's J", "high_sensitivity": "High sensitivity"}
+
+
+@dataclass
+class Loaded:
+    clf: model.Classifier
+    report: EvaluationReport | None
+    history: list | None
+
+
+@st.cache_resource(show_spinner="Loading model...")
+def _load(model_dir: str) -> Loaded:
+    clf = model.load_model(model_dir)
+    data = clf.report()
+    history = clf.history()
+    return Loaded(clf, EvaluationReport(data) if data else None, history if isinstance(history, list) else None)
+
+
+def get_loaded() -> tuple[Loaded | None, str | None]:
+    """The cached model bundle, or an error message (failures are not cached: fix and reload)."""
+    directory = model.default_model_dir()
+    if not (Path(directory) / "model.json").is_file():
+        return None, (
+            f"No model found in `{directory}`. The shipped model lives in `assets/model/`; "
+            "set `CXR_MODEL_DIR` to use another, or train one with `uv run python -m training.train` (see README)."
+        )
+    try:
+        return _load(str(directory)), None
+    except (ModelArtifactError, ReportError, ValueError, OSError) as err:
+        return None, f"The model in `{directory}` could not be loaded: {err}"
+
+
+def page_setup() -> Loaded:
+    """Every page starts here: the shared sidebar, then the model or a clear error page.
+
+    Pages render the sidebar themselves (rather than the entrypoint) so it is present on every
+    run, including reruns that Streamlit's AppTest executes page-only.
+    """
+    loaded, error = get_loaded()
+    sidebar(loaded)
+    if loaded is None:
+        st.error(error, icon=":material/error:")
+        st.stop()
+    return loaded
+
+
+def _init(loaded: Loaded) -> None:
+    ss = st.session_state
+    sha = loaded.clf.meta.weights_sha256
+    if ss.get("model_sha") != sha:  # first run, or a different model: reset to its defaults
+        ss.model_sha = sha
+        ss.threshold = float(loaded.clf.threshold)
+        ss.band = DEFAULT_BAND
+    ss.setdefault("_threshold_widget", ss.threshold)
+    ss.setdefault("_band_widget", ss.band)
+
+
+def _set_threshold(value: float) -> None:
+    st.session_state.threshold = float(value)
+    st.session_state._threshold_widget = float(value)
+
+
+def _sync_widgets() -> None:
+    st.session_state.threshold = float(st.session_state._threshold_widget)
+    st.session_state.band = float(st.session_state._band_widget)
+
+
+def presets(loaded: Loaded) -> dict[str, float]:
+    meta = loaded.clf.meta
+    return {"default": meta.threshold, **{k: v for k, v in meta.operating_points.items() if k in PRESET_LABELS}}
+
+
+def threshold() -> float:
+    return float(st.session_state.get("threshold", 0.5))
+
+
+def band() -> float:
+    return float(st.session_state.get("band", DEFAULT_BAND))
+
+
+def sidebar(loaded: Loaded | None) -> None:
+    with st.sidebar:
+        if loaded is not None:
+            _init(loaded)
+            meta = loaded.clf.meta
+            st.subheader("Decision threshold")
+            st.slider("P(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.01,
+                      key="_threshold_widget", on_change=_sync_widgets, format="%.2f")
+            cols = st.columns(len(presets(loaded)))
+            for col, (key, value) in zip(cols, presets(loaded).items()):
+                col.button(PRESET_LABELS[key], key=f"preset_{key}", on_click=_set_threshold, args=(value,),
+                           help=f"threshold {value:.3f}", width="stretch")
+            if loaded.report is not None:
+                m = loaded.report.at(threshold())
+                c1, c2 = st.columns(2)
+                c1.metric("Expected sensitivity", f"{m['sensitivity']:.1%}")
+                c2.metric("Expected specificity", f"{m['specificity']:.1%}")
+                st.caption(f"Measured on the model's {loaded.report.split} split ({loaded.report.n} images) at this threshold.")
+            st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.01, key="_band_widget",
+                      on_change=_sync_widgets, format="%.2f",
+                      help="Probabilities this close to the threshold are reported as UNCERTAIN.")
+            st.divider()
+            st.caption(
+                f"**Model** `{loaded.clf.name}`  \n{meta.architecture}, {meta.input_size} px, "
+                f"trained {meta.created[:10] or 'unknown'}  \n"
+                f"weights `{meta.weights_sha256[:12]}`"
+            )
+        st.info(DISCLAIMER, icon=":material/info:")
