@@ -132,7 +132,9 @@ def _decode_raster(data: bytes) -> np.ndarray:
                 "This file is not a recognised image (supported: JPEG, PNG, BMP, TIFF, DICOM)."
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InvalidImageError("The image declares too many pixels to be decoded safely.") from None
+            raise InvalidImageError(
+                f"The image is too large: it declares more pixels than can be decoded safely (limit {MAX_PIXELS / 1e6:.0f} megapixels)."
+            ) from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             msg = str(err)
             if "truncated" in msg or "broken data stream" in msg or isinstance(err, EOFError):
