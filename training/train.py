@@ -294,7 +294,6 @@ def main(args) -> Path | None:
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         history, start_epoch, best = ckpt["history"], ckpt["epoch"] + 1, ckpt["best"]
-        torch.set_rng_state(ckpt["rng"])
         log(f"resumed from {args.resume} at epoch {start_epoch + 1}")
 
     # ---- loop --------------------------------------------------------------------------------
@@ -302,8 +301,13 @@ def main(args) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
+        # every epoch's randomness (order, augmentation) derives from (seed, epoch): a resumed run
+        # replays exactly what an uninterrupted one would have done
+        torch.manual_seed(args.seed + epoch)
         if args.distributed:
             train_sampler.set_epoch(epoch)
+        else:
+            train_sampler.generator.manual_seed(args.seed + epoch)
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
         row.update(train_one_epoch(ddp_model, criterion, optimizer, scheduler, train_loader, args, epoch, scaler, ema))
         t_eval = time.perf_counter()
@@ -329,7 +333,7 @@ def main(args) -> Path | None:
         if is_main(args):
             torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                        "history": history, "best": best, "rng": torch.get_rng_state(), "args": _jsonable(vars(args))},
+                        "history": history, "best": best, "args": _jsonable(vars(args))},
                        out / CHECKPOINT_FILE)
         if epoch + 1 - best["epoch"] >= args.patience:
             log(f"early stop: no better validation AUC for {args.patience} epochs")
@@ -345,7 +349,8 @@ def main(args) -> Path | None:
     # ---- finalise: calibrate, choose operating points, write the artifact ---------------------
     model.load_state_dict(best["state"])
     model.eval()
-    val_eval = evaluate(model, eval_criterion, val_loader, argparse.Namespace(**{**vars(args), "distributed": False}))
+    full_val = torch.utils.data.DataLoader(val_ds, 128, sampler=torch.utils.data.SequentialSampler(val_ds))  # all of it, not a rank's share
+    val_eval = evaluate(model, eval_criterion, full_val, argparse.Namespace(**{**vars(args), "distributed": False}))
     temperature = fit_temperature(val_eval["_logits"], val_eval["_labels"])
     probs = torch.softmax(val_eval["_logits"] / temperature, 1)[:, 1].numpy()
     y = val_eval["_labels"].numpy()

@@ -1,0 +1,232 @@
+"""The training and evaluation CLIs on a small subset of the real data (tiny images, few epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
+
+import model
+from training import evaluate as evaluate_cli
+from training import train as train_cli
+from training.data import DataError, discover_folder, grouped_split, load_images, patient_id, read_manifest, read_split
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--image-size", "48", "--batch-size", "16", "--max-per-class", "40", "--n-boot", "50", "--quiet",
+         "--decode-workers", "2"]
+
+
+def train(out: Path, data_dir: Path, cache: Path, *extra: str) -> Path:
+    args = train_cli.get_args_parser().parse_args(
+        ["--data-dir", str(data_dir), "--out", str(out), "--cache-dir", str(cache), *SMALL, *extra])
+    return train_cli.main(args)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir, cache):
+    """Two epochs, trained once for the whole module."""
+    return train(tmp_path_factory.mktemp("run") / "a", data_dir, cache, "--epochs", "2")
+
+
+def read_history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())
+
+
+def comparable(history):
+    return [{k: v for k, v in row.items() if "seconds" not in k and "per_s" not in k} for row in history]
+
+
+# ---- the artifact --------------------------------------------------------------------------------
+
+
+def test_smoke_run_writes_a_loadable_artifact(trained):
+    for name in ("weights.safetensors", "model.json", "report.json", "history.json", "split.csv"):
+        assert (trained / name).is_file(), name
+    clf = model.load_model(trained)
+    meta = clf.meta
+    assert meta.architecture == "resnet18" and meta.input_size == 48 and meta.temperature > 0
+    assert set(meta.operating_points) == {"youden", "high_sensitivity"}
+    assert meta.threshold in meta.operating_points.values()
+    assert meta.training["epochs_run"] == 2 and len(read_history(trained)) == 2
+    assert {"train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds"} <= set(read_history(trained)[0])
+    report = json.loads((trained / "report.json").read_text())
+    assert report["data"]["n"] == meta.training["val_images"]
+    assert meta.metrics["auc"] == report["auc"]["value"]
+    # the high-sensitivity point really is what it claims on the split it was chosen on
+    assert report["metrics"]["high_sensitivity"]["sensitivity"] >= 0.95
+
+
+def test_report_scores_reproduce_through_the_public_api(trained, data_dir):
+    """The stored validation scores are what load_model().predict_proba gives on those files."""
+    clf = model.load_model(trained)
+    report = json.loads((trained / "report.json").read_text())
+    items = report["items"][:6]
+    probs = clf.predict_proba([data_dir / it["file"] for it in items])
+    np.testing.assert_allclose(probs, [it["score"] for it in items], atol=1e-5)
+
+
+def test_same_seed_same_metrics(trained, data_dir, cache, tmp_path):
+    again = train(tmp_path / "b", data_dir, cache, "--epochs", "2")
+    assert comparable(read_history(again)) == comparable(read_history(trained))
+
+
+def test_resume_replays_the_uninterrupted_run(trained, data_dir, cache, tmp_path):
+    out = tmp_path / "c"
+    train(out, data_dir, cache, "--epochs", "1")
+    resumed = train(out, data_dir, cache, "--epochs", "2", "--resume", str(out / "checkpoint.pt"))
+    assert comparable(read_history(resumed)) == comparable(read_history(trained))
+
+
+def test_ddp_two_processes_gloo(data_dir, cache, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.train",
+           "--data-dir", str(data_dir), "--out", str(out), "--cache-dir", str(cache), "--epochs", "1", "--device", "cpu", *SMALL]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    clf = model.load_model(out)
+    assert clf.meta.training["world_size"] == 2
+    report = json.loads((out / "report.json").read_text())
+    # metrics were gathered over the whole validation split, not one rank's half
+    assert report["data"]["n"] == clf.meta.training["val_images"]
+    assert proc.stdout.count("artifact written") == 1  # only rank 0 writes
+
+
+# ---- the split -----------------------------------------------------------------------------------
+
+
+def test_patient_ids_from_kaggle_names():
+    assert patient_id("person1000_bacteria_2931.jpeg") == "person1000"
+    assert patient_id("person1000_virus_1681.jpeg") == "person1000"
+    assert patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_id("NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM-1427"
+    assert patient_id("scan.png") == "scan"
+
+
+def test_split_keeps_patients_apart_and_is_reproducible(data_dir):
+    samples = discover_folder(data_dir, "train")
+    tr, va = grouped_split(samples, 0.2, seed=0)
+    assert not {s.patient for s in tr} & {s.patient for s in va}
+    assert len(tr) + len(va) == len(samples)
+    assert 0.15 < len(va) / len(samples) < 0.25
+    rate = lambda xs: np.mean([s.label for s in xs])  # noqa: E731
+    assert abs(rate(tr) - rate(va)) < 0.03  # stratified
+    tr2, va2 = grouped_split(samples, 0.2, seed=0)
+    assert [s.path for s in va2] == [s.path for s in va]
+    _, va3 = grouped_split(samples, 0.2, seed=1)
+    assert [s.path for s in va3] != [s.path for s in va]
+
+
+def test_split_file_round_trip(trained, data_dir):
+    val = read_split(trained / "split.csv", "val", root=data_dir)
+    train_ = read_split(trained / "split.csv", "train", root=data_dir)
+    assert not {s.patient for s in val} & {s.patient for s in train_}
+    assert all(Path(s.path).is_file() for s in val)
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+
+
+def test_evaluate_cli_metrics_equal_sklearn(trained, data_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = evaluate_cli.get_args_parser().parse_args(
+        ["--model", str(trained), "--data-dir", str(data_dir), "--split", "val", "--out", str(out), "--n-boot", "100"])
+    evaluate_cli.main(args)
+    printed = capsys.readouterr().out
+    assert "AUC" in printed and "sens" in printed and "default" in printed
+    report = json.loads(out.read_text())
+    y = np.array([it["y"] for it in report["items"]])
+    s = np.array([it["score"] for it in report["items"]])
+    assert len(y) == 16  # the official val folder
+    assert report["auc"]["value"] == pytest.approx(roc_auc_score(y, s))
+    t = report["threshold"]
+    m = report["metrics"]["default"]
+    tn, fp, fn, tp = confusion_matrix(y, (s >= t).astype(int), labels=[0, 1]).ravel()
+    assert m["confusion_matrix"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    assert m["sensitivity"] == pytest.approx(recall_score(y, s >= t))
+    # scores are the public API's scores
+    clf = model.load_model(trained)
+    np.testing.assert_allclose(clf.predict_proba([data_dir / f for f in [it["file"] for it in report["items"][:4]]]),
+                               s[:4], atol=1e-5)
+
+
+def test_manifest_csv(tmp_path, real_images):
+    rows = [(p, "NORMAL") for p in real_images["NORMAL"]] + [(p, "pneumonia") for p in real_images["PNEUMONIA"]]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    samples = read_manifest(tmp_path / "m.csv")
+    assert [s.label for s in samples] == [0] * 4 + [1] * 4
+
+
+# ---- bad data ------------------------------------------------------------------------------------
+
+
+def _folder(tmp_path, real_images, normal=2, pneumonia=2, extra=None):
+    root = tmp_path / "ds"
+    for cls, n in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        for p in real_images[cls][:n]:
+            (root / "train" / cls / p.name).symlink_to(p)
+    if extra:
+        extra(root)
+    return root
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        discover_folder(tmp_path / "nothing", "train")
+
+
+def test_empty_folder(tmp_path, real_images):
+    root = _folder(tmp_path, real_images, 0, 0)
+    with pytest.raises(DataError, match="No images"):
+        discover_folder(root, "train")
+
+
+def test_single_class(tmp_path, real_images):
+    root = _folder(tmp_path, real_images, 0, 3)
+    with pytest.raises(DataError, match="only PNEUMONIA"):
+        discover_folder(root, "train")
+
+
+def test_unknown_label_folder(tmp_path, real_images):
+    root = _folder(tmp_path, real_images, extra=lambda r: (r / "train" / "COVID").mkdir())
+    with pytest.raises(DataError, match="Unknown label 'COVID'"):
+        discover_folder(root, "train")
+
+
+def test_bad_manifest_label(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\nx.png,maybe\n")
+    with pytest.raises(DataError, match="m.csv:2: Unknown label 'maybe'"):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, real_images):
+    def corrupt(root):
+        (root / "train" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    root = _folder(tmp_path, real_images, extra=corrupt)
+    samples = discover_folder(root, "train")
+    images, labels, kept, skipped = load_images(samples, 48, None, progress=False)
+    assert len(kept) == 4 and len(skipped) == 1 and "broken.jpeg" in skipped[0]
+    assert images.shape == (4, 1, 48, 48)
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "error: Data folder not found" in proc.stderr and "Traceback" not in proc.stderr
