@@ -1,0 +1,146 @@
+"""Run the real app: ``streamlit run`` on a free localhost port, and Debian's Chromium via Playwright.
+
+Shared by the end-to-end tests and the benchmark so both measure the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StreamlitServer:
+    def __init__(self, model_dir: str | Path | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_dir = model_dir
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_after = 0.0
+
+    def start(self, timeout: float = 120.0) -> "StreamlitServer":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.model_dir is not None:
+            env["CXR_MODEL_DIR"] = str(self.model_dir)
+        cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(self.port),
+               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited early:\n{self.proc.stdout.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        self.ready_after = time.perf_counter() - self.started_at
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"streamlit did not become healthy within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_bytes(self) -> int:
+        """Current resident memory of the server process (Linux)."""
+        return _status_kb(self.proc.pid, "VmRSS") * 1024
+
+    def peak_rss_bytes(self) -> int:
+        return _status_kb(self.proc.pid, "VmHWM") * 1024
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def chromium(headless: bool = True):
+    """A Playwright browser on Debian's Chromium (Playwright's own download is not available offline)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise FileNotFoundError(f"{CHROMIUM} not found: apt-get install -y chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=headless, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+# ---- page helpers (Streamlit DOM) -------------------------------------------------------------------
+
+DECISION_RE = r"Decision:\s*(PNEUMONIA|NORMAL|UNCERTAIN)"
+
+
+def wait_app_ready(page, timeout_ms: int = 120_000) -> None:
+    page.wait_for_selector('[data-testid="stFileUploaderDropzone"], [data-testid="stAlert"]', timeout=timeout_ms)
+
+
+def upload_files(page, files) -> None:
+    """``files``: paths or Playwright file payload dicts {name, mimeType, buffer}."""
+    page.locator('[data-testid="stFileUploaderDropzone"] input[type="file"]').first.set_input_files(files)
+
+
+def read_decision(page, timeout_ms: int = 60_000) -> str:
+    import re
+
+    loc = page.get_by_text(re.compile(DECISION_RE)).first
+    loc.wait_for(timeout=timeout_ms)
+    return re.search(DECISION_RE, loc.inner_text()).group(1)
+
+
+def slider(page, label: str):
+    return page.locator('[data-testid="stSlider"]').filter(has_text=label).get_by_role("slider")
+
+
+def set_slider_extreme(page, label: str, key: str) -> None:
+    """Press Home/End on a Streamlit slider (keyboard is robust to layout)."""
+    s = slider(page, label)
+    s.focus()
+    s.press(key)
+
+
+def wait_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit reports no script running."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        timeout=timeout_ms,
+    )
+    page.wait_for_timeout(300)
