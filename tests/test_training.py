@@ -84,7 +84,8 @@ def test_same_seed_same_metrics(trained, data_dir, cache, tmp_path):
 
 def test_resume_replays_the_uninterrupted_run(trained, data_dir, cache, tmp_path):
     out = tmp_path / "c"
-    train(out, data_dir, cache, "--epochs", "1")
+    train(out, data_dir, cache, "--epochs", "2", "--stop-after", "1")  # an interrupted run
+    assert len(read_history(out)) == 1
     resumed = train(out, data_dir, cache, "--epochs", "2", "--resume", str(out / "checkpoint.pt"))
     assert comparable(read_history(resumed)) == comparable(read_history(trained))
 

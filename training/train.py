@@ -191,6 +191,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=os.environ.get("CXR_CACHE_DIR", str(Path.home() / ".cache" / "cxr-pneumonia")),
                    help="on-disk cache of decoded images ('' disables)")
     p.add_argument("--resume", default="", help=f"path to a {CHECKPOINT_FILE} to continue from")
+    p.add_argument("--stop-after", default=0, type=int,
+                   help="stop this invocation after N epochs (time-sliced/preemptible jobs); continue with --resume")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs internet)")
@@ -337,6 +339,9 @@ def main(args) -> Path | None:
                        out / CHECKPOINT_FILE)
         if epoch + 1 - best["epoch"] >= args.patience:
             log(f"early stop: no better validation AUC for {args.patience} epochs")
+            break
+        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
+            log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume {out / CHECKPOINT_FILE}")
             break
     wall = time.perf_counter() - t_start
 

@@ -1,0 +1,59 @@
+"""Regression test for the model in assets/model: it loads, and scoring a fixed sample of its validation
+images reproduces the scores and metrics recorded in its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import model
+from model.metrics import threshold_metrics
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "model"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    assert (SHIPPED / "model.json").is_file(), "no model shipped in assets/model"
+    return model.load_model(SHIPPED)  # verifies the weights checksum
+
+
+@pytest.fixture(scope="module")
+def report():
+    return json.loads((SHIPPED / "report.json").read_text())
+
+
+def test_metadata_is_complete(shipped, report):
+    meta = shipped.meta
+    assert meta.class_names == ["NORMAL", "PNEUMONIA"] and meta.in_chans == 1
+    assert {"youden", "high_sensitivity"} <= set(meta.operating_points)
+    assert 0 < meta.temperature < 20 and 0 < meta.threshold < 1
+    assert meta.metrics["auc"] == pytest.approx(report["auc"]["value"])
+    assert report["model"]["weights_sha256"] == meta.weights_sha256
+    assert (SHIPPED / "weights.safetensors").stat().st_size <= 50 * 2**20
+
+
+def test_fixed_sample_reproduces_recorded_scores(shipped, report, data_dir):
+    items = sorted(report["items"], key=lambda it: it["file"])[::16]  # fixed, spread over both classes
+    assert {it["y"] for it in items} == {0, 1}
+    probs = shipped.predict_proba([data_dir / it["file"] for it in items])
+    np.testing.assert_allclose(probs, [it["score"] for it in items], atol=2e-4)
+
+
+def test_recorded_metrics_follow_from_recorded_scores(report):
+    y = np.array([it["y"] for it in report["items"]])
+    s = np.array([it["score"] for it in report["items"]])
+    for name, m in report["metrics"].items():
+        again = threshold_metrics(y, s, m["threshold"])
+        assert again["confusion_matrix"] == m["confusion_matrix"], name
+        assert again["sensitivity"] == pytest.approx(m["sensitivity"])
+
+
+def test_validation_quality_as_recorded(report):
+    """The figures the README quotes (validation split, patient-grouped)."""
+    m = report["metrics"]["default"]
+    assert report["auc"]["value"] >= 0.99
+    assert m["sensitivity"] >= 0.95 and m["specificity"] >= 0.90
