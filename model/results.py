@@ -14,18 +14,26 @@ import numpy as np
 from PIL import Image
 
 from .classifier import Classifier
-from .preprocessing import InvalidImageError, decode_image
+from .preprocessing import InvalidImageError, decode_image, resize_square
 from .report import decide
 
-RECORD_FIELDS = ["file", "sha256", "probability", "threshold", "uncertain_band", "decision", "model", "model_sha256", "time_utc", "error"]
+RECORD_FIELDS = ["file", "sha256", "image_width", "image_height", "probability", "threshold", "uncertain_band", "decision", "model", "model_sha256", "time_utc", "error"]
+
+
+DISPLAY_SIDE = 1024
 
 
 @dataclass(eq=False)
 class UploadResult:
+    """What a session keeps per upload: small, derived arrays only (the decoded original is dropped)."""
+
     name: str
     sha256: str
     probability: float | None = None
-    image: np.ndarray | None = None  # decoded uint8 grayscale, full resolution
+    square: np.ndarray | None = None  # the exact model input (uint8 S x S): CAMs use it, so they match the score
+    display: np.ndarray | None = None  # uint8 grayscale, longer side <= DISPLAY_SIDE, aspect kept
+    thumbnail: str | None = None  # PNG data URI for tables
+    size: tuple[int, int] | None = None  # original width, height
     error: str | None = None
 
     @property
@@ -41,16 +49,22 @@ def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None
     results = [UploadResult(name, hashlib.sha256(data).hexdigest()) for name, data in files]
     good: list[int] = []
     for i, (_, data) in enumerate(files):
+        r = results[i]
         try:
-            results[i].image = decode_image(data)
-            good.append(i)
+            gray = decode_image(data)
         except InvalidImageError as err:
-            results[i].error = str(err)
+            r.error = str(err)
+        else:
+            r.size = (gray.shape[1], gray.shape[0])
+            r.square = resize_square(gray, clf.meta.input_size)
+            r.display = fit_within(gray, DISPLAY_SIDE)
+            r.thumbnail = thumbnail_data_uri(r.display)
+            good.append(i)
         if progress:
             progress(i + 1, 2 * len(files))
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
-        probs = clf.predict_proba([results[i].image for i in chunk])
+        probs = clf.predict_proba([results[i].square for i in chunk])
         for i, p in zip(chunk, probs):
             results[i].probability = float(p)
         if progress:
@@ -64,6 +78,8 @@ def record(result: UploadResult, clf: Classifier, threshold: float, band: float)
     return {
         "file": result.name,
         "sha256": result.sha256,
+        "image_width": result.size[0] if result.size else None,
+        "image_height": result.size[1] if result.size else None,
         "probability": None if result.probability is None else round(result.probability, 6),
         "threshold": round(threshold, 6),
         "uncertain_band": round(band, 6),

@@ -5,10 +5,9 @@ import streamlit as st
 from model import CAM_LABELS, overlay
 from model.plots import probability_gauge, side_by_side_figure
 from model.report import decide
-from model.results import fit_within, png_bytes, record, records_csv, records_json, score_uploads, thumbnail_data_uri, to_rgb
+from model.results import png_bytes, record, records_csv, records_json, score_uploads, to_rgb
 from ui.state import page_setup, band, threshold
 
-DISPLAY_SIDE = 1024
 DECISION_STYLE = {"PNEUMONIA": ":red-background[**PNEUMONIA**]", "NORMAL": ":green-background[**NORMAL**]",
                   "UNCERTAIN": ":orange-background[**UNCERTAIN**]"}
 
@@ -54,7 +53,7 @@ if not good:
 records = [record(r, clf, t, b) for r in results]
 if len(results) > 1:
     st.subheader(f"Results ({len(good)} of {len(results)} analysed)")
-    rows = [{"thumbnail": thumbnail_data_uri(r.image) if r.ok else None, "file": r.name,
+    rows = [{"thumbnail": r.thumbnail, "file": r.name,
              "P(pneumonia)": r.probability, "decision": rec["decision"]} for r, rec in zip(results, records)]
     st.dataframe(rows, hide_index=True, width="stretch", column_config={
         "thumbnail": st.column_config.ImageColumn("image", width="small"),
@@ -71,6 +70,7 @@ else:
 r, rec = results[index], records[index]
 decision = decide(r.probability, t, b)
 st.subheader(r.name)
+st.caption(f"{r.size[0]} x {r.size[1]} px")
 left, right = st.columns([1, 2.2], gap="large")
 with left:
     st.plotly_chart(probability_gauge(r.probability, t, b), width="stretch", config={"displayModeBar": False})
@@ -92,12 +92,11 @@ with right:
     cam_key = (r.sha256, method)
     if cam_key not in cams:
         with st.spinner(f"Computing {CAM_LABELS[method]}..."):
-            heat = clf.explain(r.image, method=method)
+            heat = clf.explain(r.square, method=method)  # the scored input itself: heatmap and score agree
         cams.clear()  # keep one heatmap per session: the one on screen
-        cams[cam_key] = fit_within(heat, DISPLAY_SIDE)
-    shown = fit_within(r.image, DISPLAY_SIDE)
-    blended = overlay(shown, cams[cam_key], opacity)
-    st.plotly_chart(side_by_side_figure(to_rgb(shown), blended), width="stretch", key="xray_views",
+        cams[cam_key] = heat
+    blended = overlay(r.display, cams[cam_key], opacity)
+    st.plotly_chart(side_by_side_figure(to_rgb(r.display), blended), width="stretch", key="xray_views",
                     config={"displaylogo": False, "scrollZoom": True})
     st.caption(
         f"{CAM_LABELS[method]} heatmap: **where the model looked** when scoring pneumonia - red is most influential. "
