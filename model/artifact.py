@@ -42,7 +42,8 @@ class ModelMeta:
     class_names: list[str] = field(default_factory=lambda: ["NORMAL", "PNEUMONIA"])
     positive_class: str = "PNEUMONIA"
     in_chans: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # calibration: P = sigmoid((logit_pos - logit_neg) / temperature + bias)
+    bias: float = 0.0
     threshold: float = 0.5
     operating_points: dict[str, float] = field(default_factory=dict)
     name: str = ""
@@ -79,6 +80,8 @@ class ModelMeta:
             raise ModelArtifactError(f"{META_FILE} lacks required fields: {', '.join(missing)}.")
         meta = cls(**{k: v for k, v in d.items() if k in known})
         get_spec(meta.architecture)  # unknown architecture -> ValueError with the list
+        if meta.num_classes != 2:
+            raise ModelArtifactError(f"Only binary classifiers are supported (got classes {meta.class_names}).")
         if meta.positive_class not in meta.class_names:
             raise ModelArtifactError(f"positive_class {meta.positive_class!r} is not among {meta.class_names}.")
         return meta

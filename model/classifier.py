@@ -45,6 +45,18 @@ class Analysis:
     image: np.ndarray  # H x W uint8 grayscale, as decoded (for display / overlay)
 
 
+def calibrated_probs(logits: torch.Tensor, temperature=1.0, bias=0.0, positive_index: int = 1, as_numpy: bool = True):
+    """P(positive) = sigmoid(margin / T + b), margin = positive logit - the other logit.
+
+    With b = 0 this equals softmax(logits / T) for two classes; T and b are fitted on the validation
+    split after training (see training/calibration.py).
+    """
+    logits = logits.float()
+    margin = logits[:, positive_index] - logits[:, 1 - positive_index]
+    p = torch.sigmoid(margin / temperature + bias)
+    return p.detach().cpu().numpy().astype(np.float64) if as_numpy else p
+
+
 def default_model_dir() -> Path:
     return Path(os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR)
 
@@ -83,10 +95,10 @@ class Classifier:
         """Decoded grayscale image -> normalised model input (1 x S x S)."""
         return normalize(resize_square(gray, self.meta.input_size), self.meta.mean, self.meta.std)
 
-    def _probs(self, logits: torch.Tensor, temperature: float | None = None) -> np.ndarray:
-        t = self.meta.temperature if temperature is None else temperature
-        p = torch.softmax(logits.float() / t, dim=1)[:, self.meta.positive_index]
-        return p.detach().cpu().numpy().astype(np.float64)
+    def _probs(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        if calibrated:
+            return calibrated_probs(logits, self.meta.temperature, self.meta.bias, self.meta.positive_index)
+        return calibrated_probs(logits, 1.0, 0.0, self.meta.positive_index)
 
     # ---- prediction -------------------------------------------------------------------------
     def logits(self, batch: torch.Tensor, batch_size: int = 32) -> torch.Tensor:

@@ -77,8 +77,8 @@ def histogram_figure(report: EvaluationReport, threshold: float, band: float = 0
 def reliability_figure(report: EvaluationReport) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color=GREY), name="perfect calibration"))
-    for rel, name, color in ((report.reliability_uncalibrated, "before temperature scaling", GREY),
-                             (report.reliability_calibrated, "after temperature scaling", BLUE)):
+    for rel, name, color in ((report.reliability_uncalibrated, "raw softmax", GREY),
+                             (report.reliability_calibrated, "calibrated", BLUE)):
         pts = [(x, y, n) for x, y, n in zip(rel["mean_predicted"], rel["fraction_positive"], rel["count"]) if n]
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                  line=dict(color=color), name=f"{name} (ECE {rel['ece']:.3f})",

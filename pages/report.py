@@ -59,11 +59,12 @@ st.subheader("Calibration")
 c1, c2 = st.columns([2, 1])
 c1.plotly_chart(reliability_figure(report), width="stretch", key="reliability")
 c2.markdown(
-    f"Temperature scaling with **T = {meta.temperature:.3f}** (fitted on the validation split) rescales the logits so that "
-    "probabilities match observed frequencies; it does not change the ranking, so AUC and the ROC curve are unaffected.\n\n"
+    f"Calibration P = sigmoid(margin / T + b) with **T = {meta.temperature:.3f}, b = {meta.bias:+.3f}** (fitted on the validation "
+    "split) makes probabilities match observed frequencies: T corrects over-confidence, b the shift from the class-weighted "
+    "loss. It does not change the ranking, so AUC and the ROC curve are unaffected.\n\n"
     f"- ECE before: **{report.reliability_uncalibrated['ece']:.4f}**\n- ECE after: **{report.reliability_calibrated['ece']:.4f}**"
 )
-st.caption("Both T and the ECE shown here come from the same validation split, so the 'after' figure is optimistic.")
+st.caption("The calibration and the ECE shown here come from the same validation split, so the 'after' figure is optimistic.")
 
 if loaded.history and uploaded_report is None:
     st.subheader("Training curves")

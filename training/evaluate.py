@@ -11,8 +11,8 @@ Report format (JSON, ``format_version`` 1):
 - ``auc``: value, ci95 (stratified percentile bootstrap), n_boot
 - ``metrics``: for ``default`` and each operating point: threshold, accuracy, sensitivity,
   specificity, ppv, npv, f1, brier, ece, confusion_matrix {tn, fp, fn, tp}
-- ``calibration``: temperature and reliability bins (+ ECE, Brier) for ``uncalibrated`` (T = 1)
-  and ``calibrated`` scores
+- ``calibration``: temperature, bias, and reliability bins (+ ECE, Brier) for ``uncalibrated``
+  (softmax of the raw logits) and ``calibrated`` scores
 - ``items``: one row per image: file, label (class name), y (0/1), score (calibrated
   P(pneumonia)), score_uncalibrated
 """
@@ -49,7 +49,7 @@ def build_report(clf: Classifier, logits: torch.Tensor, y: np.ndarray, samples: 
                  skipped: list[str] = (), n_boot: int = 1000, root: str | Path | None = None) -> dict:
     meta = clf.meta
     p = clf._probs(logits)
-    p_raw = clf._probs(logits, temperature=1.0)
+    p_raw = clf._probs(logits, calibrated=False)
     points = {"default": meta.threshold, **meta.operating_points}
 
     def name(s: Sample) -> str:
@@ -64,7 +64,7 @@ def build_report(clf: Classifier, logits: torch.Tensor, y: np.ndarray, samples: 
         "format_version": REPORT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": clf.name, "architecture": meta.architecture, "weights_sha256": meta.weights_sha256,
-                  "temperature": meta.temperature},
+                  "temperature": meta.temperature, "bias": meta.bias},
         "data": {"source": source, "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
                  "n_negative": int(len(y) - y.sum()), "skipped": list(skipped)},
         "threshold": meta.threshold,
@@ -73,6 +73,7 @@ def build_report(clf: Classifier, logits: torch.Tensor, y: np.ndarray, samples: 
         "metrics": {k: summary(y, p, t) for k, t in points.items()},
         "calibration": {
             "temperature": meta.temperature,
+            "bias": meta.bias,
             "uncalibrated": {**reliability(y, p_raw), "brier": float(brier_score_loss(y, p_raw))},
             "calibrated": {**reliability(y, p), "brier": float(brier_score_loss(y, p))},
         },
@@ -91,7 +92,7 @@ def format_report(report: dict) -> str:
         + (f"; {len(d['skipped'])} skipped" if d["skipped"] else "") + ")",
         f"AUC {auc['value']:.4f}  (95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f})   "
         f"ECE {report['calibration']['uncalibrated']['ece']:.4f} -> {report['calibration']['calibrated']['ece']:.4f} "
-        f"with T={report['calibration']['temperature']:.3f}",
+        f"with T={report['calibration']['temperature']:.3f}, b={report['calibration'].get('bias', 0.0):+.3f}",
         "",
         f"{'operating point':<18}{'thr':>7}{'acc':>7}{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'F1':>7}{'Brier':>7}   TN  FP  FN  TP",
     ]

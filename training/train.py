@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from model import ModelMeta, create_model, load_model, save_artifact
 from model.artifact import HISTORY_FILE, META_FILE, REPORT_FILE, SPLIT_FILE, ModelArtifactError
+from model.classifier import calibrated_probs
 from model.metrics import operating_points, threshold_metrics
 from model.registry import PretrainedWeightsUnavailable, list_models
 
-from .calibration import fit_temperature
+from .calibration import fit_calibration
 from .data import (
     CLASS_NAMES, DataError, XrayTensorDataset, grouped_split, load_images, load_samples, train_transform, write_split,
 )
@@ -287,7 +288,9 @@ def main(args) -> Path | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(args.warmup_epochs * steps), args.epochs * steps))
     scaler = torch.amp.GradScaler("cuda") if args.amp and args.device.type == "cuda" else None
 
-    history, start_epoch, best = [], 0, {"val_auc": -1.0, "val_loss": float("inf"), "epoch": -1, "state": None, "source": None}
+    history, start_epoch, wall_before = [], 0, 0.0
+    commands = ["python -m training.train " + " ".join(sys.argv[1:])]
+    best = {"val_auc": -1.0, "val_loss": float("inf"), "epoch": -1, "state": None, "source": None}
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -296,6 +299,8 @@ def main(args) -> Path | None:
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         history, start_epoch, best = ckpt["history"], ckpt["epoch"] + 1, ckpt["best"]
+        wall_before = float(ckpt.get("wall_seconds", 0.0))
+        commands = list(ckpt.get("commands", [])) + commands
         log(f"resumed from {args.resume} at epoch {start_epoch + 1}")
 
     # ---- loop --------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ def main(args) -> Path | None:
         if is_main(args):
             torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                        "history": history, "best": best, "args": _jsonable(vars(args))},
+                        "history": history, "best": best, "wall_seconds": wall_before + time.perf_counter() - t_start, "commands": commands, "args": _jsonable(vars(args))},
                        out / CHECKPOINT_FILE)
         if epoch + 1 - best["epoch"] >= args.patience:
             log(f"early stop: no better validation AUC for {args.patience} epochs")
@@ -343,7 +348,7 @@ def main(args) -> Path | None:
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
             log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume {out / CHECKPOINT_FILE}")
             break
-    wall = time.perf_counter() - t_start
+    wall = wall_before + time.perf_counter() - t_start  # training time over all invocations of this run
 
     if args.distributed:
         dist.barrier()
@@ -356,8 +361,8 @@ def main(args) -> Path | None:
     model.eval()
     full_val = torch.utils.data.DataLoader(val_ds, 128, sampler=torch.utils.data.SequentialSampler(val_ds))  # all of it, not a rank's share
     val_eval = evaluate(model, eval_criterion, full_val, argparse.Namespace(**{**vars(args), "distributed": False}))
-    temperature = fit_temperature(val_eval["_logits"], val_eval["_labels"])
-    probs = torch.softmax(val_eval["_logits"] / temperature, 1)[:, 1].numpy()
+    temperature, bias = fit_calibration(val_eval["_logits"], val_eval["_labels"])
+    probs = calibrated_probs(val_eval["_logits"], temperature, bias)
     y = val_eval["_labels"].numpy()
     points = operating_points(y, probs, args.min_sensitivity)
     sens_youden = threshold_metrics(y, probs, points["youden"])["sensitivity"]
@@ -365,11 +370,11 @@ def main(args) -> Path | None:
 
     meta = ModelMeta(
         architecture=args.arch, input_size=args.image_size, mean=mean, std=std, class_names=list(CLASS_NAMES),
-        temperature=temperature, threshold=threshold, operating_points=points,
+        temperature=temperature, bias=bias, threshold=threshold, operating_points=points,
         name=f"cxr-{args.arch}-{args.image_size}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         training={
-            "command": "python -m training.train " + " ".join(sys.argv[1:]),
+            "command": commands[0], **({"resumed_with": commands[1:]} if len(commands) > 1 else {}),
             "data": str(args.manifest or args.data_dir), "train_images": len(tr_y), "val_images": len(va_y),
             "val_patients": len({s.patient for s in val_s}), "skipped_images": len(skipped),
             "epochs_run": len(history), "best_epoch": best["epoch"], "best_weights": best["source"],

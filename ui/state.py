@@ -21,7 +21,7 @@ DISCLAIMER = (
     "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions. "
     "Trained on paediatric (age 1-5) AP chest films from one centre; results on other populations are unknown."
 )
-PRESET_LABELS = {"default": "Default", "youden": "Youden's J", "high_sensitivity": "High sensitivity"}
+PRESET_LABELS = {"default": "Default", "youden": "Youden's J", "high_sensitivity": "Sens ≥ 95%"}
 
 
 @dataclass
