@@ -120,6 +120,7 @@ def upload_files(page, files) -> None:
 def read_decision(page, timeout_ms: int = 60_000) -> str:
     import re
 
+    wait_idle(page, timeout_ms)
     loc = page.get_by_text(re.compile(DECISION_RE)).first
     loc.wait_for(timeout=timeout_ms)
     return re.search(DECISION_RE, loc.inner_text()).group(1)
@@ -137,10 +138,14 @@ def set_slider_extreme(page, label: str, key: str) -> None:
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit reports no script running."""
+    """Wait until the script run triggered by the last interaction has finished and no stale
+    (previous-run) elements remain. Streamlit marks both in the DOM."""
+    page.wait_for_timeout(250)  # let the interaction reach the server and a rerun start
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        """() => {
+            const app = document.querySelector('[data-testid="stApp"]');
+            return app && app.getAttribute('data-test-script-state') !== 'running'
+                && !document.querySelector('[data-stale="true"]');
+        }""",
         timeout=timeout_ms,
     )
-    page.wait_for_timeout(300)

@@ -101,7 +101,7 @@ def save_artifact(directory: str | Path, net: nn.Module, meta: ModelMeta) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     weights = directory / WEIGHTS_FILE
-    save_file(state, str(weights), metadata={"architecture": meta.architecture, "format_version": str(FORMAT_VERSION)})
+    save_file(state, str(weights))  # no header metadata: model.json holds it, and bytes stay reproducible
     meta.weights_sha256 = sha256_file(weights)
     (directory / META_FILE).write_text(meta.to_json())
     return directory

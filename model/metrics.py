@@ -84,16 +84,29 @@ def reliability(y_true, probs, n_bins: int = 10) -> dict:
 
 
 def operating_points(y_true, scores, min_sensitivity: float = 0.95) -> dict:
-    """Thresholds chosen on a labelled split: Youden's J, and the highest threshold (i.e. the most
-    specific one) whose sensitivity still reaches ``min_sensitivity``."""
+    """Thresholds chosen on a labelled split.
+
+    - ``youden``: maximises sensitivity + specificity.
+    - ``high_sensitivity``: the most specific threshold whose sensitivity still reaches ``min_sensitivity``.
+    - ``screening``: the same with a safety margin of two binomial standard errors of a sensitivity
+      estimated from this split's positives, so that ``min_sensitivity`` is likely to hold on new
+      data rather than just on the split it was chosen on.
+    """
     y, s = _arrays(y_true, scores)
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     thr = np.minimum(thr, 1.0)  # roc_curve puts +inf first
-    j = tpr - fpr
-    youden = float(thr[int(np.argmax(j))])
-    ok = np.flatnonzero(tpr >= min_sensitivity)
-    high_sens = float(thr[ok[0]]) if len(ok) else float(thr[-1])
-    return {"youden": youden, "high_sensitivity": high_sens}
+
+    def most_specific(target: float) -> float:
+        ok = np.flatnonzero(tpr >= min(target, 1.0))
+        return float(thr[ok[0]]) if len(ok) else float(thr[-1])
+
+    n_pos = int(y.sum())
+    margin = 2.0 * np.sqrt(min_sensitivity * (1 - min_sensitivity) / max(n_pos, 1))
+    return {
+        "youden": float(thr[int(np.argmax(tpr - fpr))]),
+        "high_sensitivity": most_specific(min_sensitivity),
+        "screening": most_specific(min_sensitivity + margin),
+    }
 
 
 def summary(y_true, scores, threshold: float) -> dict:

@@ -114,7 +114,7 @@ def probability_gauge(probability: float, threshold: float, band: float = 0.0) -
             dict(range=[s["range"][0] * 100, s["range"][1] * 100], color=s["color"]) for s in steps],
             threshold=dict(line=dict(color=RED, width=4), thickness=0.9, value=threshold * 100)),
     ))
-    fig.update_layout(height=230, margin=dict(l=20, r=20, t=50, b=10))
+    fig.update_layout(height=240, margin=dict(l=35, r=35, t=50, b=10))
     return fig
 
 

@@ -38,7 +38,7 @@ def make_artifact(directory: Path, arch: str = "resnet18", size: int = 64, seed:
     torch.manual_seed(seed)
     net = model.create_model(arch)
     meta = model.ModelMeta(architecture=arch, input_size=size, mean=0.48, std=0.24, name=f"test-{arch}-{size}",
-                           threshold=0.5, operating_points={"youden": 0.4, "high_sensitivity": 0.2})
+                           threshold=0.5, operating_points={"youden": 0.4, "high_sensitivity": 0.2, "screening": 0.5})
     return model.save_artifact(directory, net, meta)
 
 

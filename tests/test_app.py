@@ -123,7 +123,7 @@ def test_report_page_renders_and_follows_threshold(at):
     assert not at.exception, at.exception
     assert [t.value for t in at.title] == ["Model report"]
     assert len(at.get("plotly_chart")) == 5  # ROC, confusion, PR, histogram, reliability (no history file)
-    metric = lambda label: next(m.value for m in at.metric if m.label == label)  # noqa: E731
+    metric = lambda label: next(m.value for m in at.main.metric if m.label == label)  # noqa: E731
     at.slider(key="_threshold_widget").set_value(0.0).run()
     assert metric("Sensitivity") == "1.000" and metric("Specificity") == "0.000"
     text_low = next(m.value for m in at.markdown if m.value.startswith("At threshold"))

@@ -70,12 +70,13 @@ def test_diagnose_flow(page, real_images):
     assert page.locator(".js-plotly-plot").count() >= 2  # gauge + X-ray/heatmap pair
     page.screenshot(path=str(ARTIFACTS / "e2e_diagnose.png"), full_page=True)
 
+    wait_idle(page)
     opacity = slider(page, "Heatmap opacity")
-    before = opacity.get_attribute("aria-valuenow")
+    before = opacity.get_attribute("aria-valuetext")
     opacity.focus()
     opacity.press("ArrowRight")
     wait_idle(page)
-    assert slider(page, "Heatmap opacity").get_attribute("aria-valuenow") != before
+    assert slider(page, "Heatmap opacity").get_attribute("aria-valuetext") != before
 
     # the decision follows the threshold: everything is pneumonia at 0, nothing at 1 (no uncertain band)
     set_slider_extreme(page, BAND, "Home")
@@ -89,9 +90,11 @@ def test_diagnose_flow(page, real_images):
     page.screenshot(path=str(ARTIFACTS / "e2e_threshold_flip.png"), full_page=True)
 
 
-def test_corrupt_file_shows_error_and_good_file_still_works(page, real_images):
+def test_corrupt_file_shows_error_and_good_file_still_works(page, real_images, tmp_path):
     good = real_images["PNEUMONIA"][0]
-    upload_files(page, [str(good), {"name": "corrupt.jpeg", "mimeType": "image/jpeg", "buffer": good.read_bytes()[:2000]}])
+    corrupt = tmp_path / "corrupt.jpeg"
+    corrupt.write_bytes(good.read_bytes()[:2000])
+    upload_files(page, [str(good), str(corrupt)])
     page.get_by_text(re.compile(r"corrupt\.jpeg.*could not be analysed")).first.wait_for(timeout=60_000)
     assert read_decision(page) in ("PNEUMONIA", "NORMAL", "UNCERTAIN")
     assert page.get_by_text("Traceback").count() == 0

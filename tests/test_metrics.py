@@ -43,12 +43,17 @@ def test_auc_ci_contains_auc_and_is_seeded():
 
 
 def test_operating_points():
-    y = np.array([0] * 50 + [1] * 50)
-    s = np.concatenate([np.linspace(0, 0.6, 50), np.linspace(0.4, 1, 50)])
+    y = np.array([0] * 100 + [1] * 400)
+    s = np.concatenate([np.linspace(0, 0.6, 100), np.linspace(0.4, 1, 400)])
     pts = operating_points(y, s, min_sensitivity=0.95)
     assert threshold_metrics(y, s, pts["high_sensitivity"])["sensitivity"] >= 0.95
     # it is the most specific threshold that still reaches the target
     assert threshold_metrics(y, s, pts["high_sensitivity"] + 1e-9)["sensitivity"] < 0.95
+    # the screening point keeps a margin: sensitivity >= 0.95 + 2 SE with 400 positives (= 0.95 + 0.0218)
+    target = 0.95 + 2 * np.sqrt(0.95 * 0.05 / 400)
+    assert threshold_metrics(y, s, pts["screening"])["sensitivity"] >= target
+    assert threshold_metrics(y, s, pts["screening"] + 1e-9)["sensitivity"] < target
+    assert pts["screening"] < pts["high_sensitivity"]
     j = lambda t: sum(threshold_metrics(y, s, t)[k] for k in ("sensitivity", "specificity"))  # noqa: E731
     assert j(pts["youden"]) >= max(j(t) for t in np.linspace(0, 1, 101)) - 1e-9
 

@@ -21,7 +21,12 @@ DISCLAIMER = (
     "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions. "
     "Trained on paediatric (age 1-5) AP chest films from one centre; results on other populations are unknown."
 )
-PRESET_LABELS = {"default": "Default", "youden": "Youden's J", "high_sensitivity": "Sens ≥ 95%"}
+PRESET_LABELS = {"default": "Default (screening)", "youden": "Youden's J", "high_sensitivity": "Sensitivity ≥ 95%, edge"}
+PRESET_HELP = {
+    "default": "The most specific threshold keeping validation sensitivity >= 95% plus two standard errors.",
+    "youden": "Maximises sensitivity + specificity on the validation split.",
+    "high_sensitivity": "The most specific threshold whose validation sensitivity is still >= 95% (no margin).",
+}
 
 
 @dataclass
@@ -74,8 +79,10 @@ def _init(loaded: Loaded) -> None:
         ss.model_sha = sha
         ss.threshold = float(loaded.clf.threshold)
         ss.band = DEFAULT_BAND
-    ss.setdefault("_threshold_widget", ss.threshold)
-    ss.setdefault("_band_widget", ss.band)
+    # widgets on different pages are different widgets to Streamlit, even with one key: re-seed them
+    # from the persistent keys on every run so the value follows the user across pages
+    ss._threshold_widget = ss.threshold
+    ss._band_widget = ss.band
 
 
 def _set_threshold(value: float) -> None:
@@ -109,16 +116,16 @@ def sidebar(loaded: Loaded | None) -> None:
             st.subheader("Decision threshold")
             st.slider("P(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.01,
                       key="_threshold_widget", on_change=_sync_widgets, format="%.2f")
-            cols = st.columns(len(presets(loaded)))
-            for col, (key, value) in zip(cols, presets(loaded).items()):
-                col.button(PRESET_LABELS[key], key=f"preset_{key}", on_click=_set_threshold, args=(value,),
-                           help=f"threshold {value:.3f}", width="stretch")
+            for key, value in presets(loaded).items():
+                st.button(f"{PRESET_LABELS[key]}: {value:.2f}", key=f"preset_{key}", on_click=_set_threshold,
+                          args=(value,), help=PRESET_HELP[key], width="stretch")
             if loaded.report is not None:
                 m = loaded.report.at(threshold())
                 c1, c2 = st.columns(2)
-                c1.metric("Expected sensitivity", f"{m['sensitivity']:.1%}")
-                c2.metric("Expected specificity", f"{m['specificity']:.1%}")
-                st.caption(f"Measured on the model's {loaded.report.split} split ({loaded.report.n} images) at this threshold.")
+                c1.metric("Sensitivity", f"{m['sensitivity']:.1%}")
+                c2.metric("Specificity", f"{m['specificity']:.1%}")
+                st.caption(f"Expected at this threshold: measured on the model's {loaded.report.split} split "
+                           f"({loaded.report.n} images). New data may differ.")
             st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.01, key="_band_widget",
                       on_change=_sync_widgets, format="%.2f",
                       help="Probabilities this close to the threshold are reported as UNCERTAIN.")
