@@ -108,8 +108,15 @@ def chromium(headless: bool = True):
 DECISION_RE = r"Decision:\s*(PNEUMONIA|NORMAL|UNCERTAIN)"
 
 
+def wait_first_paint(page, timeout_ms: int = 120_000) -> None:
+    """The page's title and uploader are visible (drawn before the model is imported)."""
+    page.wait_for_selector('[data-testid="stFileUploaderDropzone"]', timeout=timeout_ms)
+
+
 def wait_app_ready(page, timeout_ms: int = 120_000) -> None:
-    page.wait_for_selector('[data-testid="stFileUploaderDropzone"], [data-testid="stAlert"]', timeout=timeout_ms)
+    """Fully usable: the model is loaded and the sidebar threshold controls are drawn."""
+    page.wait_for_selector('[data-testid="stSidebar"] [data-testid="stSlider"]', timeout=timeout_ms)
+    wait_idle(page, timeout_ms)
 
 
 def upload_files(page, files) -> None:

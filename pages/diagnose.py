@@ -1,18 +1,14 @@
-"""Diagnose: upload X-rays, get P(pneumonia), a decision at the shared threshold, and Grad-CAM."""
+"""Diagnose: upload X-rays, get P(pneumonia), a decision at the shared threshold, and Grad-CAM.
+
+The title and uploader are drawn before the heavy imports so the page appears at once on a cold start.
+"""
 
 import streamlit as st
 
-from model import CAM_LABELS, overlay
-from model.plots import probability_gauge, side_by_side_figure
-from model.report import decide
-from model.results import png_bytes, record, records_csv, records_json, score_uploads, to_rgb
-from ui.state import page_setup, band, threshold
+from ui.state import band, page_setup, threshold
 
 DECISION_STYLE = {"PNEUMONIA": ":red-background[**PNEUMONIA**]", "NORMAL": ":green-background[**NORMAL**]",
                   "UNCERTAIN": ":orange-background[**UNCERTAIN**]"}
-
-loaded = page_setup()
-clf = loaded.clf
 ss = st.session_state
 
 st.title("Diagnose")
@@ -22,6 +18,14 @@ st.caption(
 )
 uploads = st.file_uploader("Chest X-rays", accept_multiple_files=True, key="uploads",
                            help="Any size from 64 px; up to 50 MB and 40 megapixels per file.")
+loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
+clf = loaded.clf
+
+from model import CAM_LABELS, overlay  # noqa: E402  (already imported by page_setup; cheap here)
+from model.plots import probability_gauge, side_by_side_figure  # noqa: E402
+from model.report import decide  # noqa: E402
+from model.results import png_bytes, record, records_csv, records_json, score_uploads, to_rgb  # noqa: E402
+
 if not uploads:
     st.info("Upload an X-ray to see the model's probability, its decision and where it looked.", icon=":material/upload_file:")
     st.stop()

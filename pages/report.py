@@ -1,17 +1,21 @@
-"""Model report: how good the model is, at the threshold chosen in the sidebar."""
+"""Model report: how good the model is, at the threshold chosen in the sidebar.
+
+The title is drawn before the heavy imports so the page appears at once on a cold start.
+"""
 
 import streamlit as st
 
-from model.plots import (
-    confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
-)
-from model.report import EvaluationReport, ReportError
-from ui.state import page_setup, band, threshold
-
-loaded = page_setup()
-clf, meta = loaded.clf, loaded.clf.meta
+from ui.state import band, page_setup, threshold
 
 st.title("Model report")
+loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
+clf, meta = loaded.clf, loaded.clf.meta
+
+from model.plots import (  # noqa: E402  (already imported by page_setup; cheap here)
+    confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
+)
+from model.report import EvaluationReport, ReportError  # noqa: E402
+
 uploaded_report = st.file_uploader(
     "Optional: load another evaluation report (JSON from `python -m training.evaluate`)", type=["json"], key="other_report",
 )

@@ -1,5 +1,8 @@
 """Streamlit glue shared by the pages: the cached model, shared threshold state, the sidebar.
 
+Importing this module is cheap on purpose: torch and friends take ~10 s of CPU to import on a
+small machine, so they are imported inside the cached loader, after the page has rendered.
+
 The decision threshold and uncertainty band live in ``st.session_state`` under plain keys
 (``threshold``, ``band``); the sidebar widgets that edit them are rendered on every page, so a
 value tuned on one page is the value the other page uses.
@@ -9,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
-import model
-from model.artifact import ModelArtifactError
-from model.report import EvaluationReport, ReportError
+if TYPE_CHECKING:  # the heavy imports (torch, torchvision, scikit-learn) happen in _load, after the
+    import model  # page has drawn its first elements, so the user sees the page while they load
+    from model.report import EvaluationReport
 
 DEFAULT_BAND = 0.10
 DISCLAIMER = (
@@ -36,16 +40,30 @@ class Loaded:
     history: list | None
 
 
-@st.cache_resource(show_spinner="Loading model...")
+@st.cache_resource(show_spinner="Loading the model (first visit only)...")
 def _load(model_dir: str) -> Loaded:
+    import numpy as np
+
+    import model
+    from model.report import EvaluationReport
+
     clf = model.load_model(model_dir)
     data = clf.report()
     history = clf.history()
+    # warm-up: one prediction and one Grad-CAM, so the first user upload does not pay for lazy
+    # imports (pytorch-grad-cam, OpenCV) and first-call allocations
+    probe = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))
+    clf.predict_proba(probe)
+    clf.explain(probe)
     return Loaded(clf, EvaluationReport(data) if data else None, history if isinstance(history, list) else None)
 
 
 def get_loaded() -> tuple[Loaded | None, str | None]:
     """The cached model bundle, or an error message (failures are not cached: fix and reload)."""
+    import model
+    from model.artifact import ModelArtifactError
+    from model.report import ReportError
+
     directory = model.default_model_dir()
     if not (Path(directory) / "model.json").is_file():
         return None, (
