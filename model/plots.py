@@ -66,10 +66,10 @@ def histogram_figure(report: EvaluationReport, threshold: float, band: float = 0
         fig.add_trace(go.Histogram(x=report.scores[report.y == label], xbins=bins, name=f"actual {name}",
                                    marker_color=color, opacity=0.6))
     if band > 0:
-        fig.add_vrect(x0=max(0, threshold - band), x1=min(1, threshold + band), fillcolor=AMBER, opacity=0.2,
-                      line_width=0, annotation_text="uncertain", annotation_position="top left")
+        fig.add_vrect(x0=max(0, threshold - band), x1=min(1, threshold + band), fillcolor=AMBER, opacity=0.25, line_width=0)
     fig.add_vline(x=threshold, line=dict(color="black", width=2, dash="dash"), annotation_text=f"threshold {threshold:.2f}")
-    fig.update_layout(barmode="overlay", title="Score distribution by true class", xaxis_title="P(pneumonia)",
+    fig.update_layout(barmode="overlay", title="Score distribution by true class" + (" (shaded: uncertain band)" if band > 0 else ""),
+                      xaxis_title="P(pneumonia)",
                       yaxis_title="images (log scale)", yaxis_type="log", legend=dict(x=0.02, y=0.98), **_LAYOUT)
     return fig
 
