@@ -14,14 +14,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .artifact import HISTORY_FILE, REPORT_FILE, ModelMeta, load_artifact, read_json, torch_device
-from .preprocessing import ImageSource, decode_image, normalize, resize_square
+from .preprocessing import ImageSource, as_gray, normalize, resize_square
 from .registry import cam_target_layer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
@@ -120,7 +120,7 @@ class Classifier:
         """P(pneumonia) for one image or a sequence of images (bytes, paths, PIL, arrays)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        batch = torch.stack([self.to_tensor(decode_image(img)) for img in images]) if images else torch.zeros(0)
+        batch = torch.stack([self.to_tensor(as_gray(img)) for img in images]) if images else torch.zeros(0)
         return self.predict_tensor(batch, batch_size)
 
     # ---- explanation ------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Classifier:
         """Decode once, then probability and heatmap from the same forward pass."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        gray = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2 else decode_image(image)
+        gray = as_gray(image)
         x = self.to_tensor(gray).unsqueeze(0).to(self.device)
         idx = self._target_index(target)
         with self._cam_lock:
@@ -169,9 +169,6 @@ class Classifier:
         """Heatmap (H x W, [0, 1], at the input image's size) of where the model looked."""
         return self.analyze(image, method, target).heatmap
 
-    def explain_many(self, images: Iterable[ImageSource], method: str = "gradcam") -> list[np.ndarray]:
-        return [self.explain(img, method) for img in images]
-
 
 def load_model(path: str | Path | None = None, device: str | None = None) -> Classifier:
     """Load a model artifact; default: ``$CXR_MODEL_DIR`` or the shipped ``assets/model``."""
@@ -184,7 +181,7 @@ def overlay(image: ImageSource, heatmap: np.ndarray, opacity: float = 0.4) -> np
     """Blend a jet-coloured heatmap over the image; returns H x W x 3 uint8 RGB."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    gray = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2 else decode_image(image)
+    gray = as_gray(image)
     h, w = gray.shape
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.shape != (h, w):

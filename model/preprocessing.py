@@ -233,6 +233,14 @@ def decode_image(source: ImageSource) -> np.ndarray:
             raise raster_err from None
 
 
+def as_gray(image: ImageSource) -> np.ndarray:
+    """``image`` if it is already a decoded uint8 H x W array (e.g. a display copy, which may be
+    smaller than the upload limits allow), else ``decode_image(image)``."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2:
+        return image
+    return decode_image(image)
+
+
 # --------------------------------------------------------------------------------------------
 # geometry and normalisation
 # --------------------------------------------------------------------------------------------

@@ -94,3 +94,20 @@ def test_overlay(files):
     assert out[10, 10, 0] > out[10, 10, 2] and out[200, 200, 2] > out[200, 200, 0]
     small = model.overlay(gray, heat[::2, ::2], 0.5)  # heatmap of another size is resized
     assert small.shape == out.shape
+
+
+def test_overlay_accepts_small_display_copies():
+    """A display copy of an extreme-aspect film can be narrower than the 64 px upload minimum."""
+    thin = np.full((40, 1024), 128, np.uint8)
+    assert model.overlay(thin, np.ones((6, 6), np.float32), 0.5).shape == (40, 1024, 3)
+
+
+def test_predict_accepts_decoded_squares_of_small_models(tmp_path):
+    """The app scores the model-input squares; a model trained below 64 px must still work."""
+    from tests.conftest import make_artifact
+
+    clf = model.load_model(make_artifact(tmp_path, size=48))
+    square = np.full((48, 48), 100, np.uint8)
+    assert clf.predict_proba([square]).shape == (1,)
+    with pytest.raises(model.InvalidImageError, match="too small"):  # uploads still have the 64 px minimum
+        clf.predict_proba(np.full((48, 48, 3), 100, np.uint8))
