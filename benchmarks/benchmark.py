@@ -37,8 +37,7 @@ def interleaved(fn_a, fn_b, n: int, warmup: int = 2) -> tuple[dict, dict]:
             t = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t) * 1000)
-    stat = lambda ts: {"p50": float(np.percentile(ts, 50)), "p95": float(np.percentile(ts, 95)), "n": n}  # noqa: E731
-    return stat(ta), stat(tb)
+    return _stats(ta), _stats(tb)
 
 
 def timeit(fn, n: int, warmup: int = 2) -> dict:
@@ -49,7 +48,11 @@ def timeit(fn, n: int, warmup: int = 2) -> dict:
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1000)
-    return {"p50": float(np.percentile(ts, 50)), "p95": float(np.percentile(ts, 95)), "n": n}
+    return _stats(ts)
+
+
+def _stats(ts: list[float]) -> dict:
+    return {"p50": float(np.percentile(ts, 50)), "p95": float(np.percentile(ts, 95)), "n": len(ts)}
 
 
 def sample_files(k: int = 8) -> list[Path]:

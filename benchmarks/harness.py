@@ -67,11 +67,8 @@ class StreamlitServer:
                 self.proc.kill()
                 self.proc.wait()
 
-    def rss_bytes(self) -> int:
-        """Current resident memory of the server process (Linux)."""
-        return _status_kb(self.proc.pid, "VmRSS") * 1024
-
     def peak_rss_bytes(self) -> int:
+        """Peak resident memory of the server process (Linux)."""
         return _status_kb(self.proc.pid, "VmHWM") * 1024
 
     def __enter__(self):

@@ -42,6 +42,20 @@ def make_artifact(directory: Path, arch: str = "resnet18", size: int = 64, seed:
     return model.save_artifact(directory, net, meta)
 
 
+def make_artifact_with_report(directory: Path, data_dir: Path, size: int = 64) -> Path:
+    """A random-weight model plus a real report, scored on the official 16-image val folder."""
+    import json
+
+    from training.data import discover_folder
+    from training.evaluate import build_report, score_samples
+
+    d = make_artifact(directory, size=size)
+    clf = model.load_model(d)
+    logits, y, kept, skipped = score_samples(clf, discover_folder(data_dir, "val"), progress=False)
+    (d / "report.json").write_text(json.dumps(build_report(clf, logits, y, kept, "val", "val", skipped, n_boot=50, root=data_dir)))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
     """A random-weight resnet18 at 64 px: exercises every code path, predicts nothing meaningful."""

@@ -14,9 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 import model
 from model.artifact import REPORT_FILE, WEIGHTS_FILE
-from tests.conftest import dicom_bytes, make_artifact
-from training.data import discover_folder
-from training.evaluate import build_report, score_samples
+from tests.conftest import dicom_bytes, make_artifact_with_report
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 TIMEOUT = 180  # first run imports torch & co; CI machines are slow
@@ -24,14 +22,7 @@ TIMEOUT = 180  # first run imports torch & co; CI machines are slow
 
 @pytest.fixture(scope="module")
 def app_model(tmp_path_factory, data_dir) -> Path:
-    """Random-weight model plus a real report (scored on the official 16-image val folder)."""
-    d = make_artifact(tmp_path_factory.mktemp("app_model"), size=64)
-    clf = model.load_model(d)
-    samples = discover_folder(data_dir, "val")
-    logits, y, kept, skipped = score_samples(clf, samples, progress=False)
-    report = build_report(clf, logits, y, kept, "val", "val", skipped, n_boot=50, root=data_dir)
-    (d / REPORT_FILE).write_text(json.dumps(report))
-    return d
+    return make_artifact_with_report(tmp_path_factory.mktemp("app_model"), data_dir)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Screenshots are written to test-artifacts/ (ignored by git).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from benchmarks.harness import (
     CHROMIUM, ROOT, StreamlitServer, chromium, read_decision, set_slider_extreme, slider, upload_files, wait_app_ready,
     wait_idle,
 )
-from tests.conftest import IN_CI, make_artifact
+from tests.conftest import IN_CI, make_artifact_with_report
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "test-artifacts"
@@ -38,14 +37,7 @@ def server(tmp_path_factory, data_dir):
     """The shipped model when present (what users get), else a random-weight model with a real report."""
     model_dir = ROOT / "assets" / "model"
     if not (model_dir / "model.json").is_file():
-        import model
-        from training.data import discover_folder
-        from training.evaluate import build_report, score_samples
-
-        model_dir = make_artifact(tmp_path_factory.mktemp("e2e_model"), size=64)
-        clf = model.load_model(model_dir)
-        logits, y, kept, skipped = score_samples(clf, discover_folder(data_dir, "val"), progress=False)
-        (model_dir / "report.json").write_text(json.dumps(build_report(clf, logits, y, kept, "val", "val", skipped, 50)))
+        model_dir = make_artifact_with_report(tmp_path_factory.mktemp("e2e_model"), data_dir)
     with StreamlitServer(model_dir) as s:
         yield s
 

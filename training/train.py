@@ -27,9 +27,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from model import ModelMeta, create_model, load_model, save_artifact
+from model.artifact import torch_device
 from model.artifact import HISTORY_FILE, META_FILE, REPORT_FILE, SPLIT_FILE, ModelArtifactError
 from model.classifier import calibrated_probs
 from model.metrics import operating_points
+from model.preprocessing import normalize
 from model.registry import PretrainedWeightsUnavailable, list_models
 
 from .calibration import fit_calibration
@@ -220,7 +222,7 @@ def lr_lambda(warmup_steps: int, total_steps: int, floor: float = 0.01):
 
 
 def main(args) -> Path | None:
-    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    args.device = torch_device(args.device)
     init_distributed(args)
     seed_everything(args.seed)
     args.channels_last = args.device.type == "cuda"
@@ -379,7 +381,7 @@ def main(args) -> Path | None:
     save_artifact(out, model, meta)
     # the report is produced from the artifact exactly as written, through the app's own loader
     clf = load_model(out, device=str(args.device))
-    report = build_report(clf, clf.logits(torch.stack([val_ds.ds[i][0] for i in range(len(val_ds))])), y, val_s,
+    report = build_report(clf, clf.logits(normalize(va_img, clf.meta.mean, clf.meta.std)), y, val_s,
                           str(out / SPLIT_FILE), "val", skipped, args.n_boot, root=args.data_dir)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     d = report["metrics"]["default"]
