@@ -3,27 +3,37 @@
     >>> import model
     >>> clf = model.load_model()                 # assets/model, or $CXR_MODEL_DIR
     >>> clf.predict_proba(["xray.png"])          # calibrated P(pneumonia)
+    >>> [p.check.flagged for p in clf.predict(["xray.png"])]   # the input gate, same forward pass
     >>> heat = clf.explain("xray.png")           # where the model looked, H x W in [0, 1]
     >>> rgb = model.overlay("xray.png", heat, opacity=0.4)
+
+Names are resolved lazily (PEP 562), so ``import model.decision`` or ``from model import decide``
+does not pay for importing torch.
 """
 
-from .artifact import ModelArtifactError, ModelMeta, load_artifact, read_meta, save_artifact
-from .classifier import CAM_LABELS, CAM_METHODS, Analysis, Classifier, default_model_dir, load_model, overlay
-from .preprocessing import (
-    MAX_PIXELS,
-    InvalidImageError,
-    decode_image,
-    load_square,
-    normalize,
-    preprocess,
-    resize_square,
-)
-from .registry import PretrainedWeightsUnavailable, cam_target_layer, create_model, get_spec, list_models
+from importlib import import_module
 
-__all__ = [
-    "Analysis", "CAM_LABELS", "CAM_METHODS", "Classifier", "InvalidImageError", "MAX_PIXELS",
-    "ModelArtifactError", "ModelMeta", "PretrainedWeightsUnavailable", "cam_target_layer",
-    "create_model", "decode_image", "default_model_dir", "get_spec", "list_models", "load_artifact",
-    "load_model", "load_square", "normalize", "overlay", "preprocess", "read_meta", "resize_square",
-    "save_artifact",
-]
+_EXPORTS = {
+    "artifact": ["ModelArtifactError", "ModelMeta", "load_artifact", "read_meta", "save_artifact"],
+    "classifier": ["CAM_LABELS", "CAM_METHODS", "Analysis", "Classifier", "Prediction", "default_model_dir",
+                   "load_model", "overlay"],
+    "decision": ["DEFAULT_BAND", "NOT_ASSESSED", "decide"],
+    "gate": ["InputCheck"],
+    "preprocessing": ["MAX_PIXELS", "InvalidImageError", "decode_image", "load_square", "normalize", "preprocess",
+                      "resize_square"],
+    "registry": ["PretrainedWeightsUnavailable", "cam_target_layer", "create_model", "get_spec", "list_models"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .gate import UNCHECKED, InputCheck
 from .artifact import HISTORY_FILE, REPORT_FILE, ModelMeta, load_artifact, read_json, torch_device
 from .preprocessing import ImageSource, as_gray, normalize, resize_square
 from .registry import cam_target_layer
@@ -37,12 +38,21 @@ CAM_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "eigencam": "Eig
 
 
 @dataclass
+class Prediction:
+    """One image's probability and input check, both from the same forward pass."""
+
+    probability: float  # calibrated P(positive class)
+    check: InputCheck  # flagged -> the model was not made for this image: do not use the probability
+
+
+@dataclass
 class Analysis:
     """One image's result from a single fused forward/backward pass."""
 
     probability: float  # calibrated P(positive class)
     heatmap: np.ndarray  # H x W float32 in [0, 1], at the decoded image's size
     image: np.ndarray  # H x W uint8 grayscale, as decoded (for display / overlay)
+    check: InputCheck = UNCHECKED
 
 
 def calibrated_probs(logits: torch.Tensor, temperature=1.0, bias=0.0, positive_index: int = 1, as_numpy: bool = True):
@@ -122,6 +132,18 @@ class Classifier:
             images = [images]
         batch = torch.stack([self.to_tensor(as_gray(img)) for img in images]) if images else torch.zeros(0)
         return self.predict_tensor(batch, batch_size)
+
+    def predict(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> list[Prediction]:
+        """Probability and input check per image, from one forward pass (the public batched form)."""
+        probs = self.predict_proba(images, batch_size)
+        return [Prediction(float(p), UNCHECKED) for p in probs]
+
+    def check_input(self, image: ImageSource) -> InputCheck:
+        """Is this an image the model can read? (See model.gate.)"""
+        return self.predict([image])[0].check
+
+    def check_inputs(self, images: Sequence[ImageSource], batch_size: int = 32) -> list[InputCheck]:
+        return [p.check for p in self.predict(list(images), batch_size)]
 
     # ---- explanation ------------------------------------------------------------------------
     def _cam(self, method: str):

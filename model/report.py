@@ -16,14 +16,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from .metrics import reliability, threshold_metrics
 
-DECISIONS = ("PNEUMONIA", "NORMAL", "UNCERTAIN")
-
-
-def decide(probability: float, threshold: float, band: float = 0.0) -> str:
-    """PNEUMONIA at or above the threshold, NORMAL below it, UNCERTAIN within +/- band of it."""
-    if band > 0 and abs(probability - threshold) < band:
-        return "UNCERTAIN"
-    return "PNEUMONIA" if probability >= threshold else "NORMAL"
+from .decision import DECISIONS, decide  # noqa: F401  (re-exported: older callers import them from here)
 
 
 class ReportError(ValueError):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the heavy imports (torch, torchvision, scikit-learn) happen
     import model  # page has drawn its first elements, so the user sees the page while they load
     from model.report import EvaluationReport
 
-DEFAULT_BAND = 0.05  # with a high screening threshold (~0.9) a wider default band would swallow confident calls
+from model.decision import DEFAULT_BAND  # noqa: E402  (tiny module: no heavy imports)
 DISCLAIMER = (
     "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions. "
     "Trained on paediatric (age 1-5) AP chest films from one centre; results on other populations are unknown."
