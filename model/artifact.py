@@ -42,6 +42,7 @@ class ModelMeta:
     class_names: list[str] = field(default_factory=lambda: ["NORMAL", "PNEUMONIA"])
     positive_class: str = "PNEUMONIA"
     in_chans: int = 1
+    equalize: bool = False  # histogram-equalise each input before mean/std (see preprocessing.equalize)
     temperature: float = 1.0  # calibration: P = sigmoid((logit_pos - logit_neg) / temperature + bias)
     bias: float = 0.0
     threshold: float = 0.5
@@ -51,6 +52,7 @@ class ModelMeta:
     resize: str = "squash, bilinear (as the training copies were made)"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)  # input gate: threshold, figures, gate.safetensors checksum
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -61,6 +63,12 @@ class ModelMeta:
     @property
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
+
+    def normalize(self, gray_sq):
+        """The model's input normalisation, from its own metadata (the one call every path makes)."""
+        from .preprocessing import normalize
+
+        return normalize(gray_sq, self.mean, self.std, self.equalize)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

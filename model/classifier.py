@@ -20,10 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .gate import UNCHECKED, InputCheck
+from .gate import UNCHECKED, Gate, InputCheck, gate_layers, pooled, rule_reason
 from .artifact import HISTORY_FILE, REPORT_FILE, ModelMeta, load_artifact, read_json, torch_device
-from .preprocessing import ImageSource, as_gray, normalize, resize_square
-from .registry import cam_target_layer
+from .preprocessing import ImageSource, as_gray, resize_square
+from .registry import cam_target_layer, get_spec
+
+# architectures whose CAM layer feeds global average pooling and one linear layer directly, where
+# Grad-CAM at that layer needs no backward pass (see Classifier._class_activation_map)
+FAST_CAM_ARCHITECTURES = {"resnet18", "resnet50"}
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 MODEL_DIR_ENV = "CXR_MODEL_DIR"
@@ -71,19 +75,62 @@ def default_model_dir() -> Path:
     return Path(os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR)
 
 
+def _decoded(image) -> tuple[np.ndarray, float, dict]:
+    """(uint8 gray, colourfulness, technical DICOM tags) of any accepted input."""
+    from . import preprocessing
+
+    if hasattr(image, "gray") and hasattr(image, "dicom"):  # an already decoded DecodedImage
+        return image.gray, float(getattr(image, "colorfulness", 0.0)), dict(image.dicom or {})
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2:
+        return image, 0.0, {}
+    decode = getattr(preprocessing, "decode", None)
+    if decode is None:
+        return as_gray(image), 0.0, {}
+    d = decode(image)
+    return d.gray, float(d.colorfulness), dict(d.dicom or {})
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """bf16 autocast only where the hardware runs it natively (~2x); elsewhere (AVX2-only CPUs) it
+    is ~10x slower than fp32, measured."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Classifier:
-    def __init__(self, net: torch.nn.Module, meta: ModelMeta, directory: Path | None = None, device: str | None = None):
+    def __init__(self, net: torch.nn.Module, meta: ModelMeta, directory: Path | None = None, device: str | None = None,
+                 gate: Gate | None = None, bf16: bool | None = None):
         self.meta = meta
         self.directory = directory
         self.device = torch_device(device)
-        self._net = net.to(self.device).eval()
-        if self.device.type == "cuda":
-            self._net = self._net.to(memory_format=torch.channels_last)
+        self.gate = gate
+        self.bf16 = _fast_bf16(self.device) if bf16 is None else bf16
+        self._net = net.to(self.device).eval().to(memory_format=torch.channels_last)
         for p in self._net.parameters():
             p.requires_grad_(False)
         self._cam_net: torch.nn.Module | None = None
         self._cams: dict = {}
         self._cam_lock = threading.Lock()
+        # taps: activations the gate and the fast CAM read, captured by forward hooks into storage
+        # private to the calling thread, so concurrent predictions never see each other's tensors
+        self._local = threading.local()
+        spec = get_spec(meta.architecture)
+        self._tap_layers = sorted(set((gate.layers if gate else gate_layers(meta.architecture)) + [spec.cam_layer]))
+        for name in self._tap_layers:
+            self._net.get_submodule(name).register_forward_hook(self._tap(name))
+        self._fast_cam = meta.architecture in FAST_CAM_ARCHITECTURES
+        self._head = self._net.get_submodule(spec.classifier) if self._fast_cam else None
+
+    def _tap(self, name: str):
+        def hook(_module, _inputs, output):
+            store = getattr(self._local, "store", None)
+            if store is not None:
+                store[name] = output
+        return hook
 
     # ---- metadata ---------------------------------------------------------------------------
     @property
@@ -94,6 +141,10 @@ class Classifier:
     def threshold(self) -> float:
         return self.meta.threshold
 
+    @property
+    def has_gate(self) -> bool:
+        return self.gate is not None
+
     def report(self) -> dict | None:
         return read_json(self.directory, REPORT_FILE) if self.directory else None
 
@@ -103,24 +154,39 @@ class Classifier:
     # ---- preprocessing ----------------------------------------------------------------------
     def to_tensor(self, gray: np.ndarray) -> torch.Tensor:
         """Decoded grayscale image -> normalised model input (1 x S x S)."""
-        return normalize(resize_square(gray, self.meta.input_size), self.meta.mean, self.meta.std)
+        return self.meta.normalize(resize_square(gray, self.meta.input_size))
 
     def _probs(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
         if calibrated:
             return calibrated_probs(logits, self.meta.temperature, self.meta.bias, self.meta.positive_index)
         return calibrated_probs(logits, 1.0, 0.0, self.meta.positive_index)
 
-    # ---- prediction -------------------------------------------------------------------------
+    # ---- the one forward pass ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalised N x C x S x S -> (logits, tapped activations), under inference mode."""
+        self._local.store = {}
+        try:
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                logits = self._net(x).float()
+            return logits, self._local.store
+        finally:
+            self._local.store = None
+
     def logits(self, batch: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """Preprocessed N x C x S x S tensor -> raw logits (N x classes, CPU, before temperature)."""
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(batch), batch_size):
-                x = batch[i : i + batch_size].to(self.device, non_blocking=True)
-                if self.device.type == "cuda":
-                    x = x.to(memory_format=torch.channels_last)
-                out.append(self._net(x).float().cpu())
+        out = [self.forward(batch[i : i + batch_size])[0].cpu() for i in range(0, len(batch), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.meta.num_classes)
+
+    def features(self, batch: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and pooled activations of every tapped layer (what the gate is fitted on)."""
+        logits, feats = [], {}
+        for i in range(0, len(batch), batch_size):
+            lg, taps = self.forward(batch[i : i + batch_size])
+            logits.append(lg.cpu())
+            for name, f in pooled(taps, taps).items():
+                feats.setdefault(name, []).append(f.cpu())
+        return torch.cat(logits), {k: torch.cat(v) for k, v in feats.items()}
 
     def predict_tensor(self, batch: torch.Tensor, batch_size: int = 32) -> np.ndarray:
         """Preprocessed N x C x S x S tensor -> calibrated P(positive) per row."""
@@ -128,15 +194,35 @@ class Classifier:
 
     def predict_proba(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """P(pneumonia) for one image or a sequence of images (bytes, paths, PIL, arrays)."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        batch = torch.stack([self.to_tensor(as_gray(img)) for img in images]) if images else torch.zeros(0)
-        return self.predict_tensor(batch, batch_size)
+        return np.array([p.probability for p in self.predict(images, batch_size)], dtype=np.float64)
 
     def predict(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> list[Prediction]:
-        """Probability and input check per image, from one forward pass (the public batched form)."""
-        probs = self.predict_proba(images, batch_size)
-        return [Prediction(float(p), UNCHECKED) for p in probs]
+        """Probability and input check per image, from one forward pass (the public batched form).
+
+        Accepts what ``decode_image`` accepts and ``model.preprocessing.DecodedImage`` (whose DICOM
+        tags and colour content the check uses)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        out: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            decoded = [_decoded(img) for img in images[start : start + batch_size]]
+            squares = [resize_square(g, self.meta.input_size) for g, _, _ in decoded]
+            logits, taps = self.forward(torch.stack([self.meta.normalize(sq) for sq in squares]))
+            probs = self._probs(logits)
+            checks = self._checks(taps, squares, decoded)
+            out.extend(Prediction(float(p), c) for p, c in zip(probs, checks))
+        return out
+
+    def _checks(self, taps: dict, squares: list[np.ndarray], decoded: list) -> list[InputCheck]:
+        scores = self.gate.scores(pooled(taps, self.gate.layers)) if self.gate else np.zeros(len(squares))
+        checks = []
+        for sq, (_, colour, dicom), score in zip(squares, decoded, scores):
+            reason = rule_reason(sq, colour, dicom)
+            if reason is None and self.gate is not None and score > self.gate.threshold:
+                reason = "its content is unlike the frontal chest films the model was trained on."
+            checks.append(InputCheck(flagged=reason is not None, score=round(float(score), 4),
+                                     reason=f"This does not look like a frontal chest X-ray: {reason}" if reason else None))
+        return checks
 
     def check_input(self, image: ImageSource) -> InputCheck:
         """Is this an image the model can read? (See model.gate.)"""
@@ -146,20 +232,21 @@ class Classifier:
         return [p.check for p in self.predict(list(images), batch_size)]
 
     # ---- explanation ------------------------------------------------------------------------
-    def _cam(self, method: str):
+    def _cam(self, method: str, layer: str | None):
         import pytorch_grad_cam
 
         if method not in CAM_METHODS:
             raise ValueError(f"Unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}.")
         if self._cam_net is None:
-            self._cam_net = copy.deepcopy(self._net)
+            self._cam_net = copy.deepcopy(self._net).to(memory_format=torch.contiguous_format)
             for p in self._cam_net.parameters():
                 p.requires_grad_(True)
-        if method not in self._cams:
+        key = (method, layer)
+        if key not in self._cams:
             cls = getattr(pytorch_grad_cam, CAM_METHODS[method])
-            layer = cam_target_layer(self._cam_net, self.meta.architecture)
-            self._cams[method] = cls(model=self._cam_net, target_layers=[layer])
-        return self._cams[method]
+            target = self._cam_net.get_submodule(layer) if layer else cam_target_layer(self._cam_net, self.meta.architecture)
+            self._cams[key] = cls(model=self._cam_net, target_layers=[target])
+        return self._cams[key]
 
     def _target_index(self, target: str | int) -> int:
         if isinstance(target, int):
@@ -169,34 +256,61 @@ class Classifier:
             raise ValueError(f"Unknown target {target!r}; classes are {self.meta.class_names}.")
         return names.index(target.lower())
 
-    def analyze(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia") -> Analysis:
-        """Decode once, then probability and heatmap from the same forward pass."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    def _class_activation_map(self, fmap: torch.Tensor, idx: int) -> np.ndarray:
+        """Grad-CAM at the last block of a GAP + linear head, without a backward pass: the gradient of
+        a class logit w.r.t. the final feature map is that class's fc weights / (h w) at every cell, so
+        Grad-CAM's channel weights are the fc weights (Zhou et al. 2016's CAM), normalised as
+        pytorch-grad-cam does (ReLU, min-max, bilinear to the input size). Equality is tested."""
+        w = self._head.weight[idx].float()
+        cam = torch.relu(torch.einsum("c,nchw->nhw", w, fmap.float()))[:, None]
+        size = self.meta.input_size
+        cam = cam - cam.amin(dim=(2, 3), keepdim=True)
+        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
+        cam = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
+        return cam[0, 0].cpu().numpy()
 
-        gray = as_gray(image)
-        x = self.to_tensor(gray).unsqueeze(0).to(self.device)
+    def analyze(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia",
+                layer: str | None = None) -> Analysis:
+        """Decode once, then probability, input check and heatmap. The default (Grad-CAM at the last
+        block) comes from the same forward pass; other methods and layers use pytorch-grad-cam."""
+        gray, colour, dicom = _decoded(image)
         idx = self._target_index(target)
-        with self._cam_lock:
-            cam = self._cam(method)
-            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(idx)])
-            prob = float(self._probs(cam.outputs)[0])
-            cam.activations_and_grads.clear()
-        heat = np.nan_to_num(maps[0].astype(np.float32), nan=0.0)
+        square = resize_square(gray, self.meta.input_size)
+        x = self.meta.normalize(square).unsqueeze(0)
+        spec = get_spec(self.meta.architecture)
+        if method not in CAM_METHODS:
+            raise ValueError(f"Unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}.")
+        logits, taps = self.forward(x)
+        prob = float(self._probs(logits)[0])
+        check = self._checks(taps, [square], [(gray, colour, dicom)])[0]
+        if method == "gradcam" and layer in (None, spec.cam_layer) and self._fast_cam:
+            heat = self._class_activation_map(taps[spec.cam_layer], idx)
+        else:
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+            with self._cam_lock:
+                cam = self._cam(method, layer)
+                maps = cam(input_tensor=x.to(self.device), targets=[ClassifierOutputTarget(idx)])
+                cam.activations_and_grads.clear()
+            heat = maps[0].astype(np.float32)
+        heat = np.nan_to_num(heat, nan=0.0)
         h, w = gray.shape
         if heat.shape != (h, w):
             heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
-        return Analysis(probability=prob, heatmap=np.clip(heat, 0.0, 1.0), image=gray)
+        return Analysis(probability=prob, heatmap=np.clip(heat, 0.0, 1.0), image=gray, check=check)
 
-    def explain(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia") -> np.ndarray:
+    def explain(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia",
+                layer: str | None = None) -> np.ndarray:
         """Heatmap (H x W, [0, 1], at the input image's size) of where the model looked."""
-        return self.analyze(image, method, target).heatmap
+        return self.analyze(image, method, target, layer).heatmap
 
 
 def load_model(path: str | Path | None = None, device: str | None = None) -> Classifier:
     """Load a model artifact; default: ``$CXR_MODEL_DIR`` or the shipped ``assets/model``."""
     directory = Path(path) if path is not None else default_model_dir()
     net, meta = load_artifact(directory)
-    return Classifier(net, meta, directory=directory, device=device)
+    gate = Gate.load(directory, meta.gate) if meta.gate else None
+    return Classifier(net, meta, directory=directory, device=device, gate=gate)
 
 
 def overlay(image: ImageSource, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:

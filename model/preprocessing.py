@@ -4,7 +4,7 @@ Three stages, each usable alone so callers can cache or display intermediate res
 
     decode_image(source)          -> uint8 grayscale H x W   (full resolution, display-ready)
     resize_square(gray, size)     -> uint8 grayscale S x S   (what the training cache stores)
-    normalize(gray_sq, mean, std) -> float32 tensor 1 x S x S
+    normalize(gray_sq, mean, std, equalize_hist) -> float32 tensor 1 x S x S  (optionally rank-equalised first)
 
 ``preprocess`` chains them. Any decoding problem raises :class:`InvalidImageError` with a message a
 person can act on; nothing else escapes for bad input.
@@ -253,12 +253,32 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(gray, "L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def normalize(gray_sq: np.ndarray | torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 S x S (array or tensor, optionally with a leading channel axis) -> float 1 x S x S."""
+def equalize(gray_sq: torch.Tensor) -> torch.Tensor:
+    """Histogram-equalise uint8 images (..., H, W), each on its own, to float in [0, 1].
+
+    Why: a pixel's rank within its film survives gamma, contrast, window/level and min-max stretch,
+    so a model fed ranks cannot be moved by how the film was exported (only by what clips or blurs).
+    """
+    shape = gray_sq.shape
+    x = gray_sq.reshape(-1, shape[-2] * shape[-1]).long()
+    hist = torch.zeros(x.shape[0], 256, dtype=torch.float32).scatter_add_(1, x, torch.ones_like(x, dtype=torch.float32))
+    cdf = hist.cumsum_(1)
+    cdf_min = cdf.gather(1, x.min(dim=1, keepdim=True).values)  # pixels at the darkest level map to 0
+    out = (cdf.gather(1, x) - cdf_min) / (x.shape[1] - cdf_min).clamp_(min=1.0)
+    return out.reshape(shape)
+
+
+def normalize(gray_sq: np.ndarray | torch.Tensor, mean: float, std: float, equalize_hist: bool = False) -> torch.Tensor:
+    """uint8 S x S (array or tensor, optionally with leading batch/channel axes) -> float 1 x S x S.
+
+    ``equalize_hist`` is the model's own setting (``ModelMeta.equalize``): every caller passes it
+    from the metadata, so training, evaluation and serving see the same input.
+    """
     t = gray_sq if isinstance(gray_sq, torch.Tensor) else torch.from_numpy(np.array(gray_sq, dtype=np.uint8))
     if t.ndim == 2:
         t = t.unsqueeze(0)
-    return (t.float().div_(255.0) - mean) / std
+    x = equalize(t) if equalize_hist else t.float().div_(255.0)
+    return (x - mean) / std
 
 
 def load_square(source: ImageSource, size: int) -> np.ndarray:
@@ -266,6 +286,6 @@ def load_square(source: ImageSource, size: int) -> np.ndarray:
     return resize_square(decode_image(source), size)
 
 
-def preprocess(source: ImageSource, size: int, mean: float, std: float) -> torch.Tensor:
+def preprocess(source: ImageSource, size: int, mean: float, std: float, equalize_hist: bool = False) -> torch.Tensor:
     """Any supported input -> float32 tensor 1 x size x size, normalised with the model's stats."""
-    return normalize(load_square(source, size), mean, std)
+    return normalize(load_square(source, size), mean, std, equalize_hist)

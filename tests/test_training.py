@@ -69,6 +69,20 @@ def test_smoke_run_writes_a_loadable_artifact(trained):
     assert report["metrics"]["default"]["sensitivity"] >= report["metrics"]["high_sensitivity"]["sensitivity"]
 
 
+def test_retrained_model_carries_a_working_gate(trained, data_dir):
+    """The gate is fitted on the run's own training films and stored in the artifact it writes."""
+    clf = model.load_model(trained)
+    assert clf.has_gate and (trained / "gate.safetensors").is_file()
+    assert clf.meta.gate["fitted_on"]["train_images"] == clf.meta.training["train_images"]
+    assert clf.meta.gate["val_flag_rate"] <= 0.1
+    films = [data_dir / "val" / c / f for c in ("NORMAL", "PNEUMONIA") for f in sorted(os.listdir(data_dir / "val" / c))[:3]]
+    scores = [c.score for c in clf.check_inputs(films)]
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    assert clf.check_input(noise).score > np.median(scores)
+    assert clf.check_input(np.full((128, 128), 255, np.uint8)).flagged
+    assert clf.meta.equalize and clf.meta.training["hyperparameters"]["consistency"] > 0
+
+
 def test_report_scores_reproduce_through_the_public_api(trained, data_dir):
     """The stored validation scores are what load_model().predict_proba gives on those files."""
     clf = model.load_model(trained)

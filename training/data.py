@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
-from model.preprocessing import InvalidImageError, load_square, normalize
+from model.preprocessing import InvalidImageError, load_square
 
 CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ""}
@@ -240,10 +240,17 @@ def load_images(
 
 
 class XrayTensorDataset(torch.utils.data.Dataset):
-    """Cached uint8 images -> (normalised float tensor, label), augmenting on tensors."""
+    """Cached uint8 images -> (normalised float tensor, label), augmenting on tensors.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, transform=None):
-        self.images, self.labels, self.mean, self.std, self.transform = images, labels, mean, std, transform
+    With ``perturb`` and ``views=2`` an item is a pair (1 x S x S each, stacked): the film after the
+    geometric ``transform``, and the same film exported differently by ``perturb``. Training asks the
+    model to score both alike (consistency), which targets invariance to acquisition directly.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize_fn, transform=None, perturb=None,
+                 views: int = 1):
+        self.images, self.labels, self.normalize = images, labels, normalize_fn
+        self.transform, self.perturb, self.views = transform, perturb, views
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -252,18 +259,71 @@ class XrayTensorDataset(torch.utils.data.Dataset):
         img = self.images[i]
         if self.transform is not None:
             img = self.transform(img)
-        return normalize(img, self.mean, self.std), self.labels[i]
+        if self.views == 2:
+            return torch.stack([self.normalize(img), self.normalize(self.perturb(img))]), self.labels[i]
+        if self.perturb is not None:
+            img = self.perturb(img)
+        return self.normalize(img), self.labels[i]
 
 
 def train_transform(size: int):
-    """X-ray-appropriate augmentation: small geometric jitter and exposure changes, no flips
-    (the heart's side is anatomy, and vertical flips never occur in practice)."""
+    """X-ray-appropriate geometric augmentation: small jitter, no flips (the heart's side is anatomy,
+    and vertical flips never occur in practice). Exposure is ``AcquisitionPerturb``'s job."""
     from torchvision.transforms import v2
 
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.85, 1.18), antialias=True),
             v2.RandomAffine(degrees=10, translate=(0.04, 0.04)),
-            v2.ColorJitter(brightness=0.3, contrast=0.3),
         ]
     )
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand(()))
+
+
+class AcquisitionPerturb:
+    """The same film as another device or export would have made it (uint8 1 x S x S in and out).
+
+    Each step fires with probability ``p``: softness (blur or 1.5-3x down/up-sampling), sharpening,
+    gamma, contrast and window/level (clipping), noise, JPEG re-compression. Randomness comes from
+    torch's global generator, which training seeds per epoch (resumable, deterministic).
+    """
+
+    def __init__(self, p: float = 0.35):
+        self.p = p
+
+    def _fires(self) -> bool:
+        return float(torch.rand(())) < self.p
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        from torchvision.io import decode_jpeg, encode_jpeg
+        from torchvision.transforms.v2 import functional as TF
+
+        x = img.float().unsqueeze(0)  # 1 x 1 x S x S, 0..255
+        size = x.shape[-2:]
+        if self._fires():  # a softer device: lower resolution, then back
+            f = _uniform(1.5, 3.0)
+            small = (max(8, round(size[0] / f)), max(8, round(size[1] / f)))
+            x = F.interpolate(F.interpolate(x, small, mode="area"), size, mode="bilinear", align_corners=False)
+        elif self._fires():
+            x = TF.gaussian_blur(x, kernel_size=7, sigma=_uniform(0.4, 1.5))
+        if self._fires():  # unsharp masking, as many consoles apply
+            x = x + _uniform(0.3, 1.0) * (x - TF.gaussian_blur(x, kernel_size=7, sigma=_uniform(0.8, 2.0)))
+        x = x.clamp(0, 255) / 255.0
+        if self._fires():
+            x = x.pow(float(torch.exp(torch.empty(()).uniform_(-0.4, 0.4))))  # gamma ~0.67..1.49
+        if self._fires():
+            m = x.mean()
+            x = (x - m) * _uniform(0.7, 1.3) + m + _uniform(-0.08, 0.08)
+        if self._fires():  # window/level: clip a little at either end and stretch
+            lo, hi = _uniform(0.0, 0.12), _uniform(0.88, 1.0)
+            x = (x - lo) / (hi - lo)
+        if self._fires():
+            x = x + torch.randn_like(x) * _uniform(0.005, 0.03)
+        out = (x.clamp(0, 1) * 255).round().to(torch.uint8)[0]
+        if self._fires():
+            out = decode_jpeg(encode_jpeg(out, quality=int(_uniform(40, 95))))
+        return out

@@ -31,7 +31,6 @@ from sklearn.metrics import brier_score_loss
 
 from model import Classifier, load_model
 from model.metrics import auc_with_ci, reliability, summary
-from model.preprocessing import normalize
 
 from .data import CLASS_NAMES, DataError, Sample, load_images, load_samples, read_split
 
@@ -41,7 +40,7 @@ REPORT_VERSION = 1
 def score_samples(clf: Classifier, samples: list[Sample], batch_size: int = 64, cache_dir=None, workers: int = 2, progress: bool = True):
     """Raw logits for every readable sample (through the shared preprocessing)."""
     images, labels, kept, skipped = load_images(samples, clf.meta.input_size, cache_dir, workers, progress)
-    batch = normalize(images, clf.meta.mean, clf.meta.std)
+    batch = clf.meta.normalize(images)
     return clf.logits(batch, batch_size), labels.numpy(), kept, skipped
 
 

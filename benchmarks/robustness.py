@@ -1,0 +1,114 @@
+"""Does the score move with how a film was exported? |change in P(pneumonia)| per perturbation.
+
+    uv run python -m benchmarks.robustness [--model assets/model] [--compare OTHER_MODEL_DIR] [--n 300]
+
+Each validation film (the model's own patient-grouped split) is re-exported the ways real films
+differ - a softer device (2x down/up-sampling), gamma, contrast, min-max stretch, window/level, JPEG,
+blur, sharpening, noise, a larger original - and scored through the public API exactly as an upload
+is. With ``--compare`` a second model is scored on the same films and perturbations, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+import model
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _resize(g: np.ndarray, w: int, h: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(g).resize((w, h), Image.BILINEAR))
+
+
+def _levels(g: np.ndarray, f) -> np.ndarray:
+    return np.clip(np.round(f(g.astype(np.float64) / 255.0) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _jpeg(g: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(g).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("L"))
+
+
+def _stretch(g: np.ndarray, lo_q: float = 0.0, hi_q: float = 100.0) -> np.ndarray:
+    lo, hi = np.percentile(g, [lo_q, hi_q])
+    return _levels(g, lambda x: (x - lo / 255.0) / max((hi - lo) / 255.0, 1e-6))
+
+
+PERTURBATIONS = {
+    "down2_up": lambda g: _resize(_resize(g, g.shape[1] // 2, g.shape[0] // 2), g.shape[1], g.shape[0]),
+    "gamma_0.8": lambda g: _levels(g, lambda x: x ** 0.8),
+    "gamma_1.25": lambda g: _levels(g, lambda x: x ** 1.25),
+    "contrast_0.85": lambda g: _levels(g, lambda x: (x - x.mean()) * 0.85 + x.mean()),
+    "minmax_stretch": lambda g: _stretch(g),
+    "jpeg_60": lambda g: _jpeg(g, 60),
+    "window_2pct": lambda g: _stretch(g, 2, 98),
+    "blur_1px": lambda g: np.asarray(Image.fromarray(g).filter(ImageFilter.GaussianBlur(1.0))),
+    "sharpen": lambda g: np.asarray(Image.fromarray(g).filter(ImageFilter.UnsharpMask(radius=2, percent=80, threshold=0))),
+    "noise_3": lambda g: np.clip(g + np.random.default_rng(int(g[0, :8].sum())).normal(0, 3, g.shape), 0, 255).astype(np.uint8),
+    "original_4x": lambda g: _resize(g, g.shape[1] * 4, g.shape[0] * 4),
+}
+
+
+def measure(clf: model.Classifier, films: list[np.ndarray]) -> dict[str, dict]:
+    base = clf.predict_proba(films)
+    out = {}
+    for name, f in PERTURBATIONS.items():
+        dp = np.abs(clf.predict_proba([f(g) for g in films]) - base)
+        out[name] = {"mean": round(float(dp.mean()), 4), "max": round(float(dp.max()), 4),
+                     "p95": round(float(np.quantile(dp, 0.95)), 4)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: assets/model or $CXR_MODEL_DIR)")
+    p.add_argument("--compare", default=None, help="a second model directory, measured on the same films")
+    p.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR", str(SHARED / "chest_xray")))
+    p.add_argument("--n", type=int, default=300, help="validation films (stratified sample; 0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write the figures as JSON here")
+    args = p.parse_args()
+
+    from training.data import read_split
+
+    clfs = {"model": model.load_model(args.model)}
+    if args.compare:
+        clfs["compare"] = model.load_model(args.compare)
+    samples = read_split(Path(clfs["model"].directory) / "split.csv", "val", root=args.data_dir)
+    rng = np.random.default_rng(args.seed)
+    if args.n and args.n < len(samples):
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), args.n, replace=False))]
+    films = [model.decode_image(s.path) for s in samples]
+    results, seconds = {}, {}
+    for name, clf in clfs.items():  # per perturbation, models interleaved would not change |dp|: it is not a timing
+        t0 = time.perf_counter()
+        results[name] = measure(clf, films)
+        seconds[name] = time.perf_counter() - t0
+    print(f"|change in P(pneumonia)| on {len(films)} validation films")
+    head = f"{'perturbation':16}" + "".join(f"  {c.name[:22]:>22} mean/max" for c in clfs.values())
+    print(head)
+    for pert in PERTURBATIONS:
+        print(f"{pert:16}" + "".join(f"  {results[k][pert]['mean']:>22.4f} / {results[k][pert]['max']:.3f}" for k in clfs))
+    for k, clf in clfs.items():
+        means = [r["mean"] for r in results[k].values()]
+        maxes = [r["max"] for r in results[k].values()]
+        print(f"{clf.name}: worst mean {max(means):.4f}, worst max {max(maxes):.3f} ({seconds[k]:.0f} s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"n_films": len(films), "models": {
+            k: {"name": c.name, "weights_sha256": c.meta.weights_sha256, "perturbations": results[k]}
+            for k, c in clfs.items()}}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
