@@ -267,6 +267,8 @@ class Classifier:
         cam = cam - cam.amin(dim=(2, 3), keepdim=True)
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
         cam = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
+        cam = cam - cam.amin(dim=(2, 3), keepdim=True)  # pytorch-grad-cam min-max scales again after resizing
+        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
         return cam[0, 0].cpu().numpy()
 
     def analyze(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia",
