@@ -125,8 +125,13 @@ def test_evaluate_empty_model_dir(tmp_path, capsys):
     assert err.startswith("error: No model.json") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def _under_a_file(d: Path) -> Path:
+    (d / "afile").write_text("x")
+    return d / "afile" / "report.json"
+
+
 @pytest.mark.parametrize("make_out, match", [
-    (lambda d: (d / "afile").write_text("x") or d / "afile" / "report.json", "is a file, not a directory"),
+    (_under_a_file, "is a file, not a directory"),
     (lambda d: d, "is a directory"),
 ])
 def test_evaluate_bad_out(tmp_path, tiny_artifact, capsys, make_out, match):
