@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ META_FILE = "model.json"
 REPORT_FILE = "report.json"
 HISTORY_FILE = "history.json"
 SPLIT_FILE = "split.csv"
+MAX_JSON_BYTES = 64 * 1024 * 1024  # companion JSON files (report, history) larger than this are refused unread
 
 
 class ModelArtifactError(RuntimeError):
@@ -109,6 +111,9 @@ def save_artifact(directory: str | Path, net: nn.Module, meta: ModelMeta) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     weights = directory / WEIGHTS_FILE
+    # owner read/write only (0600), from the moment the file exists: created here, then filled by safetensors
+    os.close(os.open(weights, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    weights.chmod(0o600)  # an older file keeps its mode through O_CREAT: set it explicitly
     save_file(state, str(weights))  # no header metadata: model.json holds it, and bytes stay reproducible
     meta.weights_sha256 = sha256_file(weights)
     (directory / META_FILE).write_text(meta.to_json())
@@ -162,10 +167,14 @@ def read_json(directory: str | Path, name: str) -> dict | list | None:
     path = Path(directory) / name
     if not path.is_file():
         return None
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ModelArtifactError(f"{name} is larger than {MAX_JSON_BYTES // 2**20} MB; refusing to read it.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelArtifactError(f"{path} is not valid JSON ({err}).") from None
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelArtifactError(f"{name} is not valid JSON ({err}).") from None
+    except RecursionError:
+        raise ModelArtifactError(f"{name} is not usable: its JSON is nested too deeply.") from None
 
 
 def torch_device(preferred: str | None = None) -> torch.device:

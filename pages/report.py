@@ -14,7 +14,7 @@ clf, meta = loaded.clf, loaded.clf.meta
 from model.plots import (  # noqa: E402  (already imported by page_setup; cheap here)
     confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
-from model.report import EvaluationReport, ReportError  # noqa: E402
+from model.report import EvaluationReport, ReportError, escape_markdown  # noqa: E402
 
 uploaded_report = st.file_uploader(
     "Optional: load another evaluation report (JSON from `python -m training.evaluate`)", type=["json"], key="other_report",
@@ -24,7 +24,7 @@ if uploaded_report is not None:
     try:
         report = EvaluationReport.from_bytes(uploaded_report.getvalue())
     except ReportError as err:
-        st.error(f"That file is not a usable report: {err}", icon=":material/error:")
+        st.error(f"That file is not a usable report: {escape_markdown(err)}", icon=":material/error:")
 if report is None:
     st.warning("The model directory has no `report.json`; evaluate it with `python -m training.evaluate` and load the result above.")
     st.stop()
@@ -33,7 +33,7 @@ t, b = threshold(), band()
 m = report.at(t)
 ci = report.auc_ci
 st.caption(
-    f"Scores of **{report.model_name}** on the **{report.split}** split: {report.n} images "
+    f"Scores of **{escape_markdown(report.model_name)}** on the **{escape_markdown(report.split)}** split: {report.n} images "
     f"({int(report.y.sum())} pneumonia, {int(report.n - report.y.sum())} normal). Metrics are as measured on that split. "
     "Move the threshold in the sidebar: every chart and number below follows it."
 )

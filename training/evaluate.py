@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,12 @@ import torch
 from sklearn.metrics import brier_score_loss
 
 from model import Classifier, load_model
+from model.artifact import ModelArtifactError
 from model.metrics import auc_with_ci, reliability, summary
+from model.report import ReportError
 
 from .data import CLASS_NAMES, DataError, Sample, load_images, load_samples, read_split
+from .integrity import check_disjoint, drop_duplicates
 
 REPORT_VERSION = 1
 
@@ -122,26 +126,70 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(Exception):
+    """A bad command line (paths that cannot work): one line on stderr, exit code 2."""
+
+
+def check_out_path(out: str | Path) -> Path:
+    """Refuse an --out that cannot be written, before any scoring work starts."""
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name, e.g. {out / 'report.json'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"--out {out}: no permission to write in {parent}")
+            break
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out}: the file exists and is not writable")
+    return out
+
+
 def main(args) -> dict:
-    clf = load_model(args.model, device=args.device)
+    if args.out:
+        check_out_path(args.out)
+    try:
+        clf = load_model(args.model, device=args.device)
+    except ValueError as err:  # e.g. an unknown architecture named in model.json
+        raise ModelArtifactError(f"the model could not be loaded: {err}") from None
     if args.split_file:
         samples = read_split(args.split_file, args.subset, root=args.data_dir)
         source, split = args.split_file, args.subset
+        if args.subset != "train":  # a leak in the split would make these figures measure training images
+            try:
+                train_rows = read_split(args.split_file, "train", root=args.data_dir)
+            except DataError:
+                train_rows = []  # a split file without a usable train subset: nothing to compare with
+            check_disjoint(train_rows, samples, args.workers)
     else:
         samples = load_samples(args.data_dir, args.split, args.manifest)
         source, split = (args.manifest or args.data_dir), (None if args.manifest else args.split)
+    samples = drop_duplicates(samples, warn=lambda msg: print(msg, file=sys.stderr), workers=args.workers)
     logits, y, kept, skipped = score_samples(clf, samples, args.batch_size, args.cache_dir, args.workers)
     report = build_report(clf, logits, y, kept, str(source), split or "manifest", skipped, args.n_boot, root=args.data_dir)
     print(format_report(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as err:
+            raise UsageError(f"could not write the report to {args.out}: {err.strerror or err}") from None
         print(f"report written to {args.out}")
     return report
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """Run from the command line: problems with the inputs are one line on stderr and exit code 2."""
+    args = get_args_parser().parse_args(argv)
     try:
-        main(get_args_parser().parse_args())
-    except DataError as err:
-        sys.exit(f"error: {err}")
+        main(args)
+    except (UsageError, DataError, ModelArtifactError, ReportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -41,6 +41,7 @@ from .data import (
 )
 from .evaluate import build_report, format_report
 from .fit_gate import fit_and_store
+from .integrity import check_disjoint, drop_duplicates
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -267,7 +268,9 @@ def main(args) -> Path | None:
     samples = load_samples(args.data_dir, args.train_split, args.manifest)
     if args.max_per_class:
         samples = [s for c in (0, 1) for s in [x for x in samples if x.label == c][: args.max_per_class]]
+    samples = drop_duplicates(samples, warn=log)  # by content: exact copies dropped, contradictory labels refused
     train_s, val_s = grouped_split(samples, args.val_fraction, args.seed)
+    check_disjoint(train_s, val_s)  # no image content on both sides of the split
     cache = args.cache_dir or None
     tr_img, tr_y, train_s, skipped_tr = load_images(train_s, args.image_size, cache, args.decode_workers, is_main(args) and not args.quiet)
     va_img, va_y, val_s, skipped_va = load_images(val_s, args.image_size, cache, args.decode_workers, is_main(args) and not args.quiet)
