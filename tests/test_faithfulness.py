@@ -1,0 +1,25 @@
+"""benchmarks.faithfulness on a tiny random model and 2 synthetic films: schema and finite numbers."""
+
+import math
+
+import model
+from benchmarks.faithfulness import METHODS, faithfulness, layer_sets, to_markdown
+from tests.conftest import gradient_image, make_artifact
+
+
+def test_layer_sets_for_resnet():
+    labels = [label for label, _, _ in layer_sets("resnet18")]
+    assert labels == ["layer4", "layer3", "layer3+layer4"]
+
+
+def test_faithfulness_schema(tmp_path):
+    clf = model.load_model(make_artifact(tmp_path, size=32))
+    images = [gradient_image(40, 36), gradient_image(36, 40)[::-1].copy()]
+    rows = faithfulness(clf, images, percentiles=(50,), batch_size=2)
+    assert {(r["method"], r["layer"]) for r in rows} >= {(m, "layer4") for m in METHODS} | {("layercam", "layer3+layer4")}
+    for r in rows:
+        assert set(r) == {"method", "layer", "road_combined_mean", "road_combined_sd", "n", "seconds_per_image",
+                          "morf_mean", "lerf_mean"}
+        assert r["n"] == 2
+        assert all(math.isfinite(r[k]) for k in r if k not in ("method", "layer"))
+    assert "| method | layer |" in to_markdown({"rows": rows})
