@@ -13,8 +13,8 @@ def test_layer_sets_for_resnet():
 
 
 def test_faithfulness_schema(tmp_path):
-    clf = model.load_model(make_artifact(tmp_path, size=32))
-    images = [gradient_image(40, 36), gradient_image(36, 40)[::-1].copy()]
+    clf = model.load_model(make_artifact(tmp_path, size=64))
+    images = [gradient_image(80, 70), gradient_image(70, 80)[::-1].copy()]
     rows = faithfulness(clf, images, percentiles=(50,), batch_size=2)
     assert {(r["method"], r["layer"]) for r in rows} >= {(m, "layer4") for m in METHODS} | {("layercam", "layer3+layer4")}
     for r in rows:
