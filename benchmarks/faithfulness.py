@@ -116,6 +116,32 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(result: dict, path: Path) -> None:
+    best = result["best"]
+    films = result["films"]
+    text = f"""# Which heatmap is most faithful to the model?
+
+Measured by `benchmarks/faithfulness.py` ({result['created']}) for `{result['model']}` ({result['architecture']},
+{result['input_size']} px) on {films['n']} validation films of its `split.csv` ({', '.join(f'{k}: {v}' for k, v in films['per_class'].items())}),
+ROAD percentiles {result['percentiles']}, explaining the {result['target']} logit. Raw figures: `docs/faithfulness.json`.
+
+{to_markdown(result)}
+
+**Most faithful here: {best['method']} at `{best['layer']}`.**
+
+What ROAD measures (Rong et al. 2022, pytorch-grad-cam's `metrics.road`): the pixels a heatmap ranks
+most relevant (MoRF) or least relevant (LeRF) are replaced by noisy linear imputation from their
+neighbours (which keeps the perturbed film closer to real films than blanking would), at each removal
+percentile, and the change of the explained logit is recorded. A faithful map loses a lot when its
+top pixels go (MoRF very negative) and little when its bottom pixels go (LeRF near 0 or positive);
+`ROADCombined = (LeRF - MoRF) / 2`, averaged over percentiles: **higher is more faithful**. The ± is
+the standard deviation over films (the standard error is sd / sqrt(n)). ROAD rewards maps that track
+what this network uses, not what a radiologist would point at: it says nothing about clinical validity.
+CAM ms/image is the heatmap alone, batch 8, on this shared 2-core CPU ({result['wall_seconds']} s in all).
+"""
+    path.write_text(text)
+
+
 def main(argv=None) -> dict:
     import model
     from model.preprocessing import as_gray
@@ -127,6 +153,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--percentiles", type=int, nargs="+", default=list(PERCENTILES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "faithfulness.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs" / "faithfulness.md"), help="'' to skip")
     args = ap.parse_args(argv)
 
     clf = model.load_model(args.model)
@@ -147,6 +174,8 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.md:
+        write_markdown(result, Path(args.md))
     print(to_markdown(result))
     print(f"best: {best['method']} @ {best['layer']}; wrote {args.out} ({result['wall_seconds']} s)")
     return result
