@@ -60,11 +60,66 @@ def val_films(model_dir: Path, n: int, data_dir: Path = DATA) -> list[tuple[Path
     return films
 
 
+def fast_imputer(noise: float = 0.01):
+    """pytorch-grad-cam's ``NoisyLinearImputer`` with the same linear system built in one sparse
+    constructor instead of ``lil_matrix`` item assignment (the slow part); equal up to solver rounding
+    (``tests/test_faithfulness.py``)."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
+    from scipy.sparse import csc_matrix
+    from scipy.sparse.linalg import spsolve
+
+    class FastNoisyLinearImputer(NoisyLinearImputer):
+        @staticmethod
+        def setup_sparse_system(mask, img, weights=neighbors_weights):
+            maskflt, imgflat = mask.flatten(), img.reshape((img.shape[0], -1))
+            indices = np.argwhere(maskflt == 0).flatten()
+            vidx = np.zeros(len(maskflt), dtype=int)
+            vidx[indices] = np.arange(len(indices))
+            n = len(indices)
+            b, sum_neighbors = np.zeros((n, img.shape[0])), np.ones(n)
+            rows, cols, vals = [np.arange(n)], [np.arange(n)], []
+            for offset, weight in weights:
+                valid, coords = NoisyLinearImputer.add_offset_to_indices(indices, offset, mask.shape)
+                vcoords, vids = coords[valid], np.argwhere(valid).flatten()
+                known = maskflt[vcoords] > 0.5
+                b[vids[known], :] -= weight * imgflat[:, vcoords[known]].T
+                unknown = maskflt[vcoords] < 0.5
+                rows.append(vids[unknown])
+                cols.append(vidx[vcoords[unknown]])
+                vals.append(np.full(int(unknown.sum()), weight))
+                sum_neighbors[~valid] -= weight
+            vals.insert(0, -sum_neighbors)
+            A = csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+            return A, b
+
+        def __call__(self, img, mask):
+            imgflt = img.reshape(img.shape[0], -1)
+            missing = np.argwhere(mask.reshape(-1) == 0).flatten()
+            A, b = self.setup_sparse_system(mask.numpy(), img.numpy())
+            res = torch.tensor(spsolve(A, b), dtype=torch.float)
+            out = imgflt.clone()
+            out[:, missing] = res.t() + self.noise * torch.randn_like(res.t())
+            return out.reshape_as(img)
+
+    return FastNoisyLinearImputer(noise)
+
+
+def road_average(percentiles, most_relevant_first: bool, fast: bool = True):
+    """Mean over ``percentiles`` of ROAD MoRF or LeRF, as ``ROAD{Most,Least}RelevantFirstAverage``."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfidenceMetric,
+                                                                  RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    remove = RemoveMostRelevantFirst if most_relevant_first else RemoveLeastRelevantFirst
+    metrics = [PerturbationConfidenceMetric(remove(p, fast_imputer() if fast else NoisyLinearImputer()))
+               for p in percentiles]
+    return lambda x, maps, targets, net: np.mean(np.float32([m(x, maps, targets, net) for m in metrics]), axis=0)
+
+
 def faithfulness(clf, images: list[np.ndarray], methods=tuple(METHODS), percentiles=PERCENTILES,
-                 batch_size: int = 8, seed: int = 0, progress: bool = False) -> list[dict]:
+                 batch_size: int = 8, seed: int = 0, progress: bool = False, fast: bool = True) -> list[dict]:
     """ROAD of every method x layer set for ``clf`` on decoded grayscale ``images``: one row each."""
     import pytorch_grad_cam
-    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     net = copy.deepcopy(clf._net).float().to(memory_format=torch.contiguous_format).eval()
@@ -72,7 +127,7 @@ def faithfulness(clf, images: list[np.ndarray], methods=tuple(METHODS), percenti
         p.requires_grad_(True)
     x_all = torch.stack([clf.to_tensor(g) for g in images]).to(clf.device)
     target = ClassifierOutputTarget(clf.meta.positive_index)
-    morf_avg, lerf_avg = ROADMostRelevantFirstAverage(list(percentiles)), ROADLeastRelevantFirstAverage(list(percentiles))
+    morf_avg, lerf_avg = road_average(percentiles, True, fast), road_average(percentiles, False, fast)
     rows = []
     for label, paths, set_methods in layer_sets(clf.meta.architecture):
         for method in (m for m in methods if m in set_methods):
@@ -152,6 +207,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=60, help="validation films (half of each class)")
     ap.add_argument("--percentiles", type=int, nargs="+", default=list(PERCENTILES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--library-imputer", action="store_true", help="pytorch-grad-cam's own (slower) imputer")
     ap.add_argument("--out", default=str(ROOT / "docs" / "faithfulness.json"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "faithfulness.md"), help="'' to skip")
     args = ap.parse_args(argv)
@@ -160,14 +216,14 @@ def main(argv=None) -> dict:
     films = val_films(Path(args.model), args.n, Path(args.data_dir))
     images = [as_gray(p) for p, _ in films]
     t = time.perf_counter()
-    rows = faithfulness(clf, images, args.methods, tuple(args.percentiles), progress=True)
+    rows = faithfulness(clf, images, args.methods, tuple(args.percentiles), progress=True, fast=not args.library_imputer)
     best = max(rows, key=lambda r: r["road_combined_mean"])
     result = {
         "model": clf.name, "architecture": clf.meta.architecture, "input_size": clf.meta.input_size,
         "films": {"n": len(films), "split": "val (split.csv)",
                   "per_class": {c: sum(lab == c for _, lab in films) for c in sorted({lab for _, lab in films})}},
         "metric": "ROADCombined = (LeRF - MoRF) / 2 of the positive-class logit, higher = more faithful",
-        "percentiles": list(args.percentiles), "target": clf.meta.positive_class,
+        "percentiles": list(args.percentiles), "imputer": "library" if args.library_imputer else "fast (same system)", "target": clf.meta.positive_class,
         "best": {"method": best["method"], "layer": best["layer"]},
         "rows": rows, "wall_seconds": round(time.perf_counter() - t, 1),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

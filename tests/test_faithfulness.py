@@ -3,7 +3,10 @@
 import math
 
 import model
-from benchmarks.faithfulness import METHODS, faithfulness, layer_sets, to_markdown
+import numpy as np
+import torch
+
+from benchmarks.faithfulness import METHODS, fast_imputer, faithfulness, layer_sets, to_markdown
 from tests.conftest import gradient_image, make_artifact
 
 
@@ -23,3 +26,15 @@ def test_faithfulness_schema(tmp_path):
         assert r["n"] == 2
         assert all(math.isfinite(r[k]) for k in r if k not in ("method", "layer"))
     assert "| method | layer |" in to_markdown({"rows": rows})
+
+
+def test_fast_imputer_equals_library():
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.standard_normal((1, 20, 17)).astype(np.float32))
+    mask = torch.from_numpy((rng.random((20, 17)) > 0.4).astype(np.float32))
+    ref = NoisyLinearImputer(noise=0.0)(img, mask)
+    fast = fast_imputer(noise=0.0)(img, mask)
+    assert torch.equal(fast[:, mask > 0.5], img[:, mask > 0.5])
+    assert (fast - ref).abs().max().item() < 1e-5
