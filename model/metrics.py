@@ -1,22 +1,13 @@
 """Binary-classification metrics from scikit-learn, shared by the evaluate CLI and the report page.
 
 Only what scikit-learn lacks is written here: the bootstrap CI for AUC, expected calibration error,
-and choosing operating points from the ROC curve.
+and choosing operating points from the ROC curve. scikit-learn is imported inside the functions
+(it costs ~2.5 s), so importing this module on the prediction path stays cheap.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    brier_score_loss,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 
 def _arrays(y_true, scores):
@@ -32,6 +23,8 @@ def threshold_metrics(y_true, scores, threshold: float) -> dict:
 
     A score >= threshold is called positive. Undefined ratios (no predicted positives, say) are 0.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
     y, s = _arrays(y_true, scores)
     pred = (s >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
@@ -50,6 +43,8 @@ def threshold_metrics(y_true, scores, threshold: float) -> dict:
 
 def auc_with_ci(y_true, scores, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
     """ROC AUC with a percentile bootstrap CI (resampling images, stratified by class)."""
+    from sklearn.metrics import roc_auc_score
+
     y, s = _arrays(y_true, scores)
     auc = float(roc_auc_score(y, s))
     rng = np.random.default_rng(seed)
@@ -92,6 +87,8 @@ def operating_points(y_true, scores, min_sensitivity: float = 0.95) -> dict:
       estimated from this split's positives, so that ``min_sensitivity`` is likely to hold on new
       data rather than just on the split it was chosen on.
     """
+    from sklearn.metrics import roc_curve
+
     y, s = _arrays(y_true, scores)
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     thr = np.minimum(thr, 1.0)  # roc_curve puts +inf first
@@ -111,6 +108,8 @@ def operating_points(y_true, scores, min_sensitivity: float = 0.95) -> dict:
 
 def summary(y_true, scores, threshold: float) -> dict:
     """Everything the report stores for one set of scores at one threshold."""
+    from sklearn.metrics import brier_score_loss
+
     y, s = _arrays(y_true, scores)
     out = threshold_metrics(y, s, threshold)
     out["brier"] = float(brier_score_loss(y, s))

@@ -1,8 +1,11 @@
 """Architectures by name, in the spirit of timm's registry: adding one is one ``register`` call.
 
-Every entry wraps a torchvision constructor with ``weights=None`` (no download at run time), swaps
-the first convolution for one with ``in_chans`` inputs (X-rays are grayscale), and names the layer
-whose activations Grad-CAM should use.
+Every entry builds a network from scratch (no download at run time); ``create_model`` swaps the first
+convolution for one with ``in_chans`` inputs (X-rays are grayscale) and the spec names the layers
+whose activations the heatmaps use. ResNets come from ``model.resnet`` (plain torch, torchvision's
+state-dict keys), so serving them never imports torchvision, which costs ~4 s; the other
+architectures import torchvision when first built. The name is torchvision's constructor name, used
+with ``weights`` (the name of torchvision's weights enum) only for ``--pretrained``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models as tvm
+
+from .resnet import resnet18, resnet50
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -21,29 +25,42 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ArchSpec:
-    name: str
-    builder: Callable[..., nn.Module]
-    weights_enum: object  # torchvision WeightsEnum class, used only for --pretrained
+    name: str  # also torchvision's constructor name (for --pretrained)
+    builder: Callable[..., nn.Module]  # builder(num_classes=...) -> network with 3 input channels
+    weights: str  # name of the torchvision WeightsEnum class, used only for --pretrained
     stem: str  # dotted path of the first convolution
-    cam_layer: str  # dotted path of the Grad-CAM target layer
+    cam_layer: str  # dotted path of the Grad-CAM target layer (last block: 6 x 6 at 192 px)
     classifier: str  # dotted path of the final Linear layer
+    fine_cam_layer: str = ""  # the block before it (12 x 12 at 192 px), for finer heatmaps
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
-def register(name, builder, weights_enum, stem, cam_layer, classifier) -> None:
-    _REGISTRY[name] = ArchSpec(name, builder, weights_enum, stem, cam_layer, classifier)
+def register(name, builder, weights, stem, cam_layer, classifier, fine_cam_layer="") -> None:
+    _REGISTRY[name] = ArchSpec(name, builder, weights, stem, cam_layer, classifier, fine_cam_layer)
 
 
-register("resnet18", tvm.resnet18, tvm.ResNet18_Weights, "conv1", "layer4", "fc")
-register("resnet50", tvm.resnet50, tvm.ResNet50_Weights, "conv1", "layer4", "fc")
-register("densenet121", tvm.densenet121, tvm.DenseNet121_Weights, "features.conv0", "features.norm5", "classifier")
-register("efficientnet_b0", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, "features.0.0", "features.8", "classifier.1")
-register(
-    "mobilenet_v3_large", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights,
-    "features.0.0", "features.16", "classifier.3",
-)
+def torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    """``torchvision.models.<name>(weights=None, ...)``, importing torchvision only when called."""
+
+    def build(**kwargs) -> nn.Module:
+        from torchvision import models
+
+        return getattr(models, name)(weights=None, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
+register("resnet18", resnet18, "ResNet18_Weights", "conv1", "layer4", "fc", "layer3")
+register("resnet50", resnet50, "ResNet50_Weights", "conv1", "layer4", "fc", "layer3")
+register("densenet121", torchvision_builder("densenet121"), "DenseNet121_Weights", "features.conv0",
+         "features.norm5", "classifier", "features.denseblock3")
+register("efficientnet_b0", torchvision_builder("efficientnet_b0"), "EfficientNet_B0_Weights", "features.0.0",
+         "features.8", "classifier.1", "features.5")
+register("mobilenet_v3_large", torchvision_builder("mobilenet_v3_large"), "MobileNet_V3_Large_Weights",
+         "features.0.0", "features.16", "classifier.3", "features.12")
 
 
 def list_models() -> list[str]:
@@ -64,14 +81,26 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _load_pretrained(spec: ArchSpec) -> nn.Module:
+    """ImageNet weights through torchvision (imported here only), copied into ``spec.builder``'s network."""
     try:
-        return spec.builder(weights=spec.weights_enum.DEFAULT)
+        from torchvision import models
+    except ImportError as err:
+        raise PretrainedWeightsUnavailable(
+            f"--pretrained needs torchvision, which could not be imported ({err}). "
+            "Install torchvision or train from scratch (omit --pretrained)."
+        ) from None
+    try:
+        weights = getattr(models, spec.weights).DEFAULT
+        reference = getattr(models, spec.name)(weights=weights)  # downloads, checks the hash, remaps old keys
     except Exception as err:  # URLError, HTTPError, socket errors, hash mismatch...
         raise PretrainedWeightsUnavailable(
             f"Could not obtain ImageNet weights for {spec.name} ({type(err).__name__}: {err}). "
             "They are downloaded from download.pytorch.org on first use; this machine may be offline. "
             "Train from scratch (omit --pretrained) or pre-populate the torch hub cache."
         ) from None
+    net = spec.builder(num_classes=len(weights.meta["categories"]))
+    net.load_state_dict(reference.state_dict(), strict=True)
+    return net
 
 
 def create_model(name: str = "resnet18", num_classes: int = 2, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
@@ -82,7 +111,7 @@ def create_model(name: str = "resnet18", num_classes: int = 2, in_chans: int = 1
         head = net.get_submodule(spec.classifier)
         _set_submodule(net, spec.classifier, nn.Linear(head.in_features, num_classes))
     else:
-        net = spec.builder(weights=None, num_classes=num_classes)
+        net = spec.builder(num_classes=num_classes)
     stem = net.get_submodule(spec.stem)
     if stem.in_channels != in_chans:
         new = nn.Conv2d(
@@ -97,5 +126,11 @@ def create_model(name: str = "resnet18", num_classes: int = 2, in_chans: int = 1
     return net
 
 
-def cam_target_layer(net: nn.Module, name: str) -> nn.Module:
-    return net.get_submodule(get_spec(name).cam_layer)
+def cam_layer_path(name: str, fine: bool = False) -> str:
+    """Dotted path of the heatmap layer: the last block, or (``fine``) the block before it."""
+    spec = get_spec(name)
+    return (spec.fine_cam_layer or spec.cam_layer) if fine else spec.cam_layer
+
+
+def cam_target_layer(net: nn.Module, name: str, fine: bool = False) -> nn.Module:
+    return net.get_submodule(cam_layer_path(name, fine))

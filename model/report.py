@@ -14,7 +14,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from .metrics import reliability, threshold_metrics
 
@@ -201,11 +200,15 @@ class EvaluationReport:
     # ---- derived once ---------------------------------------------------------------------------
     @cached_property
     def roc(self) -> dict:
+        from sklearn.metrics import roc_curve  # scikit-learn costs ~2.5 s to import: not at start-up
+
         fpr, tpr, thr = roc_curve(self.y, self.scores)
         return {"fpr": fpr, "tpr": tpr, "thresholds": np.minimum(thr, 1.0)}
 
     @cached_property
     def pr(self) -> dict:
+        from sklearn.metrics import precision_recall_curve
+
         precision, recall, thr = precision_recall_curve(self.y, self.scores)
         return {"precision": precision, "recall": recall, "thresholds": thr}
 
