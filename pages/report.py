@@ -11,7 +11,7 @@ st.title("Model report")
 loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
 clf, meta = loaded.clf, loaded.clf.meta
 
-from model.plots import (  # noqa: E402  (already imported by page_setup; cheap here)
+from ui.charts import (  # noqa: E402  (plotly: cheap once page_setup has run)
     confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
 from model.report import EvaluationReport, ReportError  # noqa: E402
