@@ -15,7 +15,7 @@ from ui import model_card as card  # noqa: E402
 from ui.charts import (  # noqa: E402  (plotly: cheap once page_setup has run)
     PLOTLY_CONFIG, confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
-from ui.gallery import gallery_section  # noqa: E402
+from ui.gallery import gallery_section, uncertain_sentence  # noqa: E402
 from model.report import EvaluationReport, ReportError  # noqa: E402
 
 uploaded_report = st.file_uploader(
@@ -57,7 +57,8 @@ c2.plotly_chart(histogram_figure(report, t, b), width="stretch", key="hist", con
 cm = m["confusion_matrix"]
 st.markdown(
     f"At threshold **{t:.3f}**: {cm['tp']} of {cm['tp'] + cm['fn']} pneumonia films flagged (sensitivity {m['sensitivity']:.1%}), "
-    f"{cm['fp']} of {cm['fp'] + cm['tn']} normal films falsely flagged (specificity {m['specificity']:.1%})."
+    f"{cm['fp']} of {cm['fp'] + cm['tn']} normal films falsely flagged (specificity {m['specificity']:.1%}). "
+    + uncertain_sentence(report, t, b)
 )
 
 points = card.operating_points(meta)

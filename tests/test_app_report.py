@@ -54,11 +54,11 @@ def test_gallery_shows_errors_and_a_heatmap_on_click(monkeypatch, app_model, dat
     at.toggle(key="gallery_open").set_value(True).run()
     assert not at.exception, at.exception
     text = all_text(at)
-    assert "uncertain band" in text and "false negatives" in text
-    kinds = at.get("segmented_control")
-    assert kinds and kinds[0].key == "gallery_kind"
+    assert "uncertain band" in text and "false negatives" in text and "of the 16 in this report" in text
     report = json.loads((app_model / "report.json").read_text())
     t = at.session_state["threshold"]
+    n_uncertain = sum(abs(it["score"] - t) < 0.1 for it in report["items"])
+    assert f"**{n_uncertain}** films" in next(m.value for m in at.markdown if m.value.startswith("At threshold"))
     fn = [it for it in report["items"] if it["y"] == 1 and it["score"] < t]
     fp = [it for it in report["items"] if it["y"] == 0 and it["score"] >= t]
     # a random-weight model errs on one class or the other; show the class that has errors

@@ -81,6 +81,14 @@ def uncertain_counts(report, threshold: float, band: float) -> dict[str, int]:
             "normal": int((inside & (report.y == 0)).sum())}
 
 
+def uncertain_sentence(report, threshold: float, band: float) -> str:
+    unc = uncertain_counts(report, threshold, band)
+    if band <= 0:
+        return "The uncertain band is off (0), so no film is reported UNCERTAIN."
+    return (f"**{unc['total']}** films ({unc['pneumonia']} pneumonia, {unc['normal']} normal) fall in the uncertain band "
+            f"{max(0.0, threshold - band):.3f}-{min(1.0, threshold + band):.3f} and would be reported UNCERTAIN.")
+
+
 # ---- cached image work ----------------------------------------------------------------------------
 
 @st.cache_data(max_entries=512, show_spinner=False)
@@ -128,13 +136,9 @@ def gallery_section(clf, report, threshold: float, band: float) -> None:
     """
     root = data_root()
     wrong = errors(report, threshold)
-    unc = uncertain_counts(report, threshold, band)
     st.markdown(
-        f"At threshold **{threshold:.3f}** the model gets **{len(wrong['fn'])}** pneumonia films wrong (false negatives) "
-        f"and **{len(wrong['fp'])}** normal films wrong (false positives) of the {report.n} in this report. "
-        + (f"**{unc['total']}** films ({unc['pneumonia']} pneumonia, {unc['normal']} normal) fall in the uncertain band "
-           f"{max(0.0, threshold - band):.3f}-{min(1.0, threshold + band):.3f} and would be reported UNCERTAIN."
-           if band > 0 else "The uncertain band is off (0), so no film is reported UNCERTAIN.")
+        f"The model gets **{len(wrong['fn'])}** pneumonia films wrong (false negatives) and **{len(wrong['fp'])}** "
+        f"normal films wrong (false positives) of the {report.n} in this report, at threshold **{threshold:.3f}**."
     )
     if not (root.is_dir()):
         st.info(HOW_TO_GET_DATA.format(root=root), icon=":material/folder_off:")
