@@ -199,5 +199,6 @@ def _detail(clf, film: Film, path: Path, threshold: float, band: float) -> None:
             st.error(f"This film could not be analysed ({type(err).__name__}).", icon=":material/error:")
             return
         c1, c2 = st.columns(2)
-        c1.image(image, caption="Film", width="stretch")
-        c2.image(overlaid, caption="Where the model looked (Grad-CAM for PNEUMONIA; red = more)", width="stretch")
+        side = 2 * max(image.shape[:2]) if max(image.shape[:2]) < 320 else "stretch"  # small films: 2x, not blown up
+        c1.image(image, caption="Film", width=side)
+        c2.image(overlaid, caption="Where the model looked (Grad-CAM for PNEUMONIA; red = more)", width=side)
