@@ -164,4 +164,5 @@ def test_operating_points_fold_duplicates():
 
 
 def test_md_escape_neutralises_markup():
-    assert card.md_escape("**x** [a](http://e) :red[y] $z$") == r"\*\*x\*\* \[a\]\(http\:\/\/e\) \:red\[y\] \$z\$".replace(r"\/", "/")
+    assert card.md_escape("**x** [a](http://e) :red[y] $z$\n<b>") == r"\*\*x\*\* \[a\](http\://e) \:red\[y\] \$z\$ \<b\>"
+    assert card.md_escape("my-hospital 2.0") == "my-hospital 2.0"

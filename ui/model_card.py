@@ -21,7 +21,9 @@ KERMANY_CREDIT = (
     "children aged 1-5, anterior-posterior films"
 )
 _KERMANY_WORDS = re.compile(r"kermany|guangzhou", re.I)
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>$~:=^&])")
+# what can start markup mid-sentence (emphasis, links, code, HTML, LaTeX, :directives[], tables); "-", ".",
+# "(" and the like only matter at a line's start or after "]", and the escaped text is always one line mid-sentence
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]#|<>$~:])")
 FAITHFULNESS_FILE = "faithfulness.json"
 
 
