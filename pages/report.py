@@ -11,10 +11,12 @@ st.title("Model report")
 loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
 clf, meta = loaded.clf, loaded.clf.meta
 
-from model.plots import (  # noqa: E402  (already imported by page_setup; cheap here)
-    confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
+from ui import model_card as card  # noqa: E402
+from ui.charts import (  # noqa: E402  (plotly: cheap once page_setup has run)
+    PLOTLY_CONFIG, confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
-from model.report import EvaluationReport, ReportError, escape_markdown  # noqa: E402
+from ui.gallery import gallery_section, uncertain_sentence  # noqa: E402
+from model.report import EvaluationReport, ReportError  # noqa: E402
 
 uploaded_report = st.file_uploader(
     "Optional: load another evaluation report (JSON from `python -m training.evaluate`)", type=["json"], key="other_report",
@@ -33,14 +35,13 @@ t, b = threshold(), band()
 m = report.at(t)
 ci = report.auc_ci
 st.caption(
-    f"Scores of **{escape_markdown(report.model_name)}** on the **{escape_markdown(report.split)}** split: {report.n} images "
+    f"Scores of **{card.md_escape(report.model_name)}** on the **{card.md_escape(report.split)}** split: {report.n} images "
     f"({int(report.y.sum())} pneumonia, {int(report.n - report.y.sum())} normal). Metrics are as measured on that split. "
     "Move the threshold in the sidebar: every chart and number below follows it."
 )
-if report.split == "val":
-    st.info(
-        "This is the patient-grouped validation split carved from the training folder: the same hospital and "
-        "period as the training images. Expect lower figures on data from elsewhere.", icon=":material/info:")
+notice = card.split_notice(report)
+if notice:
+    st.info(notice, icon=":material/info:")
 
 cols = st.columns(7)
 cols[0].metric("AUC", f"{report.auc:.3f}", help=f"95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else None)
@@ -49,43 +50,75 @@ for col, (key, label) in zip(cols[1:], [("accuracy", "Accuracy"), ("sensitivity"
     col.metric(label, f"{m[key]:.3f}")
 
 c1, c2 = st.columns(2)
-c1.plotly_chart(roc_figure(report, t), width="stretch", key="roc")
-c2.plotly_chart(confusion_figure(m), width="stretch", key="confusion")
-c1.plotly_chart(pr_figure(report, t), width="stretch", key="pr")
-c2.plotly_chart(histogram_figure(report, t, b), width="stretch", key="hist")
+c1.plotly_chart(roc_figure(report, t), width="stretch", key="roc", config=PLOTLY_CONFIG)
+c2.plotly_chart(confusion_figure(m), width="stretch", key="confusion", config=PLOTLY_CONFIG)
+c1.plotly_chart(pr_figure(report, t), width="stretch", key="pr", config=PLOTLY_CONFIG)
+c2.plotly_chart(histogram_figure(report, t, b), width="stretch", key="hist", config=PLOTLY_CONFIG)
 cm = m["confusion_matrix"]
 st.markdown(
-    f"At threshold **{t:.2f}**: {cm['tp']} of {cm['tp'] + cm['fn']} pneumonia films flagged (sensitivity {m['sensitivity']:.1%}), "
-    f"{cm['fp']} of {cm['fp'] + cm['tn']} normal films falsely flagged (specificity {m['specificity']:.1%})."
+    f"At threshold **{t:.3f}**: {cm['tp']} of {cm['tp'] + cm['fn']} pneumonia films flagged (sensitivity {m['sensitivity']:.1%}), "
+    f"{cm['fp']} of {cm['fp'] + cm['tn']} normal films falsely flagged (specificity {m['specificity']:.1%}). "
+    + uncertain_sentence(report, t, b)
 )
+
+points = card.operating_points(meta)
+st.dataframe(
+    [{"operating point": name, "threshold": round(v, 4), **{k: round(report.at(v)[k], 3) for k in
+      ("sensitivity", "specificity", "ppv", "npv")}} for name, v in points.items()],
+    hide_index=True, width="content", key="points",
+)
+
+st.subheader("Where it goes wrong")
+st.caption("The films of this report the model gets wrong at the current threshold, most confidently wrong first. "
+           "Click a film's button to see it with its heatmap.")
+if st.toggle("Show the error gallery", key="gallery_open"):
+    gallery_section(clf, report, t, b)
 
 st.subheader("Calibration")
 c1, c2 = st.columns([2, 1])
-c1.plotly_chart(reliability_figure(report), width="stretch", key="reliability")
+c1.plotly_chart(reliability_figure(report), width="stretch", key="reliability", config=PLOTLY_CONFIG)
 c2.markdown(
-    f"Calibration P = sigmoid(margin / T + b) with **T = {meta.temperature:.3f}, b = {meta.bias:+.3f}** (fitted on the validation "
-    "split) makes probabilities match observed frequencies: T corrects over-confidence, b the shift from the class-weighted "
-    "loss. It does not change the ranking, so AUC and the ROC curve are unaffected.\n\n"
+    f"Calibration P = sigmoid(margin / T + b) with **T = {meta.temperature:.3f}, b = {meta.bias:+.3f}** (fitted on the "
+    "model's validation split) makes probabilities match observed frequencies: T corrects over-confidence, b the shift "
+    "from the class-weighted loss. It does not change the ranking, so AUC and the ROC curve are unaffected.\n\n"
     f"- ECE before: **{report.reliability_uncalibrated['ece']:.4f}**\n- ECE after: **{report.reliability_calibrated['ece']:.4f}**"
 )
-st.caption("The calibration and the ECE shown here come from the same validation split, so the 'after' figure is optimistic.")
+st.caption(card.calibration_caption(report))
 
 if loaded.history and uploaded_report is None:
     st.subheader("Training curves")
-    st.plotly_chart(training_curves_figure(loaded.history), width="stretch", key="history")
+    st.plotly_chart(training_curves_figure(loaded.history, meta.training.get("best_epoch")), width="stretch", key="history", config=PLOTLY_CONFIG)
+
+gate = card.gate_figures(meta, clf.directory)
+if gate:
+    st.subheader("Input gate")
+    st.markdown(card.gate_summary(gate))
+    settings, groups = card.gate_tables(gate)
+    c1, c2 = st.columns([1, 2])
+    if settings:
+        c1.dataframe(settings, hide_index=True, width="stretch", key="gate_settings")
+    if groups:
+        c2.dataframe(groups, hide_index=True, width="stretch", key="gate_groups",
+                     column_config={"flag_rate": st.column_config.NumberColumn("flag rate", format="percent"),
+                                    "auroc": st.column_config.NumberColumn("AUROC", format="%.3f")})
+
+faith_rows, faith_note = card.faithfulness_rows(meta, clf.directory)
+if faith_rows:
+    st.subheader("Heatmap faithfulness")
+    st.caption("How faithfully each heatmap method and layer points at what drives the model's score, by ROAD "
+               "(remove and debias) on validation films, as stored with the model.")
+    if faith_note:
+        st.text(faith_note)
+    st.dataframe(faith_rows, hide_index=True, width="content", key="faithfulness")
 
 st.subheader("Model card")
-train = meta.training
-st.markdown(f"""
-- **Model**: `{clf.name}`: {meta.architecture} trained from scratch (no pretrained weights), {meta.input_size} x {meta.input_size} grayscale input,
-  images squashed to a square (as the training copies were made). Weights sha256 `{meta.weights_sha256[:16]}...`.
-- **Data**: pediatric chest X-rays of Kermany et al., *Cell* 2018 (CC BY 4.0): Guangzhou Women and Children's Medical Center,
-  children aged 1-5, anterior-posterior films; {train.get('train_images', '?')} training and {train.get('val_images', '?')} validation images,
-  split by patient.
-- **Intended use**: research and education: exploring how a CNN screens for pneumonia and how thresholds trade sensitivity
-  for specificity. **Not a medical device; not for diagnosis or treatment decisions.**
-- **Limitations**: one centre, one age band, one projection; adult films, lateral views, other devices and other
-  diseases are outside what it has seen. It does not distinguish bacterial from viral pneumonia. The heatmaps show where
-  the model looked, not where disease is.
-- **Operating points** (chosen on the validation split): {", ".join(f"{k} {v:.3f}" for k, v in {"default": meta.threshold, **meta.operating_points}.items())}.
-""")
+train = meta.training or {}
+st.markdown("\n".join([
+    f"- {card.model_line(clf.name, meta)}",
+    f"- {card.data_line(train)}",
+    "- **Intended use**: research and education: exploring how a CNN screens for pneumonia and how thresholds trade "
+    "sensitivity for specificity. **Not a medical device; not for diagnosis or treatment decisions.**",
+    f"- {card.limitations_line(train)}",
+    "- **Operating points** (chosen on the model's validation split): "
+    + ", ".join(f"{card.md_escape(k)} {v:.3f}" for k, v in card.operating_points(meta).items()) + ".",
+]))

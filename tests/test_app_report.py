@@ -1,0 +1,168 @@
+"""Model report page (AppTest, no browser): error gallery, model card from metadata, gate and faithfulness tables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from model.artifact import META_FILE
+from tests.conftest import make_artifact_with_report
+from ui import model_card as card
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+TIMEOUT = 180
+REPORT = "pages/report.py"
+
+
+@pytest.fixture(scope="module")
+def app_model(tmp_path_factory, data_dir) -> Path:
+    return make_artifact_with_report(tmp_path_factory.mktemp("report_model"), data_dir)
+
+
+def variant(src: Path, dest: Path, **fields) -> Path:
+    """A copy of the artifact whose model.json carries extra or changed fields (the weights checksum still holds)."""
+    shutil.copytree(src, dest)
+    meta = json.loads((dest / META_FILE).read_text())
+    for key, value in fields.items():
+        meta[key] = {**meta.get(key, {}), **value} if isinstance(value, dict) and isinstance(meta.get(key), dict) else value
+    (dest / META_FILE).write_text(json.dumps(meta))
+    return dest
+
+
+def open_report(monkeypatch, model_dir: Path, data: Path | None = None) -> AppTest:
+    monkeypatch.setenv("CXR_MODEL_DIR", str(model_dir))
+    if data is not None:
+        monkeypatch.setenv("CXR_DATA_DIR", str(data))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page(REPORT).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def all_text(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "info", "text", "success", "error") for e in at.get(kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_gallery_shows_errors_and_a_heatmap_on_click(monkeypatch, app_model, data_dir):
+    at = open_report(monkeypatch, app_model, data_dir)
+    at.slider(key="_band_widget").set_value(0.1).run()
+    at.toggle(key="gallery_open").set_value(True).run()
+    assert not at.exception, at.exception
+    text = all_text(at)
+    assert "uncertain band" in text and "false negatives" in text and "of the 16 in this report" in text
+    report = json.loads((app_model / "report.json").read_text())
+    t = at.session_state["threshold"]
+    n_uncertain = sum(abs(it["score"] - t) < 0.1 for it in report["items"])
+    assert f"**{n_uncertain}** films" in next(m.value for m in at.markdown if m.value.startswith("At threshold"))
+    fn = [it for it in report["items"] if it["y"] == 1 and it["score"] < t]
+    fp = [it for it in report["items"] if it["y"] == 0 and it["score"] >= t]
+    # a random-weight model errs on one class or the other; show the class that has errors
+    kind = "fn" if fn else "fp"
+    wrong = fn or fp
+    assert wrong, "the random model should get something wrong at its threshold"
+    at.segmented_control(key="gallery_kind").set_value(kind).run()
+    thumbs = sorted((b for b in at.button if b.key and b.key.startswith(f"thumb_{kind}_")),
+                    key=lambda b: int(b.key.rsplit("_", 1)[1]))  # the tree lists the grid column by column
+    assert len(thumbs) == min(len(wrong), 24)
+    # most confidently wrong first
+    scores = [float(b.label.split("=")[1]) for b in thumbs]
+    assert scores == sorted(scores, reverse=(kind == "fp"))
+    before = len(at.get("image"))
+    thumbs[0].click().run()
+    assert not at.exception, at.exception
+    assert len(at.get("image")) == before + 2  # the film and its heatmap overlay
+    first = sorted(wrong, key=lambda it: -it["score"] if kind == "fp" else it["score"])[0]
+    assert any(first["file"] in x.value for x in at.text)  # file name shown as plain text
+    at.button(key="gallery_close").click().run()
+    assert len(at.get("image")) == before
+
+
+def test_gallery_without_data_says_how_to_get_it(monkeypatch, app_model, tmp_path):
+    at = open_report(monkeypatch, app_model, tmp_path / "no-data-here")
+    at.toggle(key="gallery_open").set_value(True).run()
+    assert not at.exception, at.exception
+    assert any("CXR_DATA_DIR" in i.value and "no-data-here" in i.value for i in at.info)
+    assert not [b for b in at.button if b.key and b.key.startswith("thumb_")]
+
+
+def test_model_card_follows_metadata(monkeypatch, app_model, tmp_path):
+    custom = variant(app_model, tmp_path / "custom", training={
+        "data": "/data/hospital_x/export.csv", "data_description": "Adult PA chest films from *Hospital X*, 2019-2021",
+        "train_images": 321, "val_images": 80, "val_patients": 60})
+    at = open_report(monkeypatch, custom)
+    cards = [m.value for m in at.markdown if "**Model**" in m.value]
+    assert len(cards) == 1
+    assert "Guangzhou" not in cards[0] and "Kermany" not in cards[0]
+    assert "Hospital X" in cards[0] and r"\*Hospital X\*" in cards[0]  # metadata is text, not markup
+    assert "321 training and 80 validation images" in cards[0]
+    assert "one age band" not in cards[0]
+    # the fixture's model has screening == default: listed once
+    points = cards[0].split("Operating points")[1]
+    assert points.count("0.500") == 1 and r"default \(screening\)" in points
+
+
+def test_model_card_without_description_names_the_data_folder(monkeypatch, app_model, tmp_path):
+    plain = variant(app_model, tmp_path / "plain", training={"data": "/srv/my_films"})
+    at = open_report(monkeypatch, plain)
+    [text] = [m.value for m in at.markdown if "**Model**" in m.value]
+    assert "my\\_films" in text and "Guangzhou" not in text and "recorded no description" in text
+
+
+def test_official_val_folder_is_not_called_a_carved_split(monkeypatch, app_model):
+    at = open_report(monkeypatch, app_model)  # the fixture's report scores the official 16-image val folder
+    assert not any("carved from the training folder" in i.value for i in at.info)
+    assert any("only 16 images" in i.value for i in at.info)
+    assert any("independent check" in c.value for c in at.caption)
+
+
+def test_gate_and_faithfulness_tables_when_present(monkeypatch, app_model, tmp_path):
+    gate = {"method": "mahalanobis", "threshold": 123.4, "val_flag_rate": 0.008,
+            "ood_eval": {"natural_photo": {"n": 26, "flag_rate": 1.0, "auroc": 0.999},
+                         "adult_chest": {"n": 17, "flag_rate": 0.35, "auroc": 0.8}}}
+    d = variant(app_model, tmp_path / "gated", gate=gate)
+    (d / "faithfulness.json").write_text(json.dumps({"rows": [
+        {"method": "gradcam", "layer": "layer4", "road_combined": 0.12},
+        {"method": "gradcam", "layer": "layer3", "road_combined": 0.18}]}))
+    at = open_report(monkeypatch, d)
+    subheaders = [s.value for s in at.subheader]
+    assert "Input gate" in subheaders and "Heatmap faithfulness" in subheaders
+    assert any("input gate refuses images unlike the training films" in m.value for m in at.markdown)
+    assert any("Adult frontal chest films: 35% flagged" in m.value for m in at.markdown)
+    frames = [f.value for f in at.dataframe]
+    groups = next(f for f in frames if "group" in f.columns)
+    assert list(groups["group"]) == ["natural_photo", "adult_chest"]
+    assert list(next(f for f in frames if "layer" in f.columns)["layer"]) == ["layer4", "layer3"]
+
+
+def test_no_gate_or_faithfulness_sections_when_absent(monkeypatch, app_model):
+    at = open_report(monkeypatch, app_model)
+    subheaders = [s.value for s in at.subheader]
+    assert "Input gate" not in subheaders and "Heatmap faithfulness" not in subheaders
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------
+
+def test_kermany_credit_only_for_that_data():
+    assert card.is_kermany({"data": "../shared/data/chest_xray"})
+    assert card.is_kermany({"data": "/x/y", "data_description": "Kermany et al. 2018 pediatric films"})
+    assert not card.is_kermany({"data": "/data/chest_xray_adult.csv"})
+    assert "Guangzhou" in card.data_line({"data": "../shared/data/chest_xray/", "train_images": 4173})
+    assert "Guangzhou" not in card.data_line({"data": "mine.csv", "data_description": "my films"})
+
+
+def test_operating_points_fold_duplicates():
+    class M:
+        threshold = 0.9146
+        operating_points = {"youden": 0.6, "high_sensitivity": 0.96, "screening": 0.9146}
+
+    assert card.operating_points(M()) == {"default (screening)": 0.9146, "youden": 0.6, "high_sensitivity": 0.96}
+
+
+def test_md_escape_neutralises_markup():
+    assert card.md_escape("**x** [a](http://e) :red[y] $z$\n<b>") == r"\*\*x\*\* \[a\](http\://e) \:red\[y\] \$z\$ \<b\>"
+    assert card.md_escape("my-hospital 2.0") == "my-hospital 2.0"
