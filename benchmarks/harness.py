@@ -166,7 +166,7 @@ _POLLER = """([name]) => {
   const tick = () => {
     const now = performance.now();
     const h3 = [...document.querySelectorAll('h3')].filter(fresh);
-    const named = h3.some((h) => h.innerText.trim() === name);
+    const named = h3.some((h) => h.innerText.includes(name));
     if (b.decision === null && named && h3.some((h) => /Decision:\\s*(PNEUMONIA|NORMAL|UNCERTAIN|NOT ASSESSED)/.test(h.innerText)))
       b.decision = now - b.t0;
     if (b.decision !== null && b.heatmap === null) {

@@ -183,7 +183,7 @@ def detail(key: str) -> None:
         heat = cams[cam_key]
         if r.display_uri is None:
             r.display_uri = jpeg_data_uri(r.display)
-        st.plotly_chart(xray_figure(r.display, heat, opacity, image_uri=r.display_uri), width="stretch", key="xray_views",
+        st.plotly_chart(xray_figure(r.display, heat, opacity, image_uri=r.display_uri, revision=r.sha256), width="stretch", key="xray_views",
                         config={"displaylogo": False, "scrollZoom": True, "doubleClick": "reset"})
         st.caption(
             f"{CAM_LABELS[method]} heatmap: **where the model looked** when scoring pneumonia - red is most influential. "

@@ -65,12 +65,13 @@ def probability_gauge(probability: float, threshold: float, band: float = 0.0) -
 
 
 def xray_figure(display: np.ndarray, heat: np.ndarray | None = None, opacity: float = 0.45, image_uri: str | None = None,
-                titles=("X-ray", "Where the model looked")) -> go.Figure:
+                titles=("X-ray", "Where the model looked"), revision: str | None = None) -> go.Figure:
     """The X-ray and the same X-ray under the heatmap, with linked zoom and pan.
 
     Both panels keep the image's aspect (each y axis is scale-anchored to its own x axis) and
     share one region (the second panel's axes match the first's); the initial ranges are the image
-    bounds, so a double-click resets both panels to the whole image.
+    bounds, so a double-click resets both panels to the whole image. ``revision`` (e.g. the image's
+    hash) keeps the user's zoom while only the opacity or method changes, and drops it for a new image.
     """
     h, w = display.shape[:2]
     uri = image_uri or jpeg_data_uri(display)
@@ -93,14 +94,13 @@ def xray_figure(display: np.ndarray, heat: np.ndarray | None = None, opacity: fl
         xaxis=dict(range=xr, **axis), yaxis=dict(range=yr, scaleanchor="x", scaleratio=1, **axis),
         xaxis2=dict(range=xr, matches="x", **axis), yaxis2=dict(range=yr, matches="y", scaleanchor="x2", scaleratio=1, **axis),
         height=min(620, int(420 * h / max(w, 1)) + 60), margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom",
-        plot_bgcolor="white", uirevision="xray",
+        plot_bgcolor="white", uirevision=revision or f"{w}x{h}",
     )
     return fig
 
 
 def side_by_side_figure(original_rgb: np.ndarray, overlay_rgb: np.ndarray, titles=("X-ray", "Where the model looked")) -> go.Figure:
     """Two already-blended images with linked zoom (kept for callers of the old API; sent as JPEGs)."""
-    h, w = original_rgb.shape[:2]
     fig = xray_figure(original_rgb, None, titles=titles)
     fig.data[1].source = jpeg_data_uri(overlay_rgb)
     return fig
