@@ -37,6 +37,12 @@ def _open_row() -> None:
         ss._open = ss._table_keys[rows[0]]
 
 
+def _check_text(r) -> str:
+    if r.flagged:
+        return r.check.reason or "not like the training films"
+    return "ok" + (f" ({r.check.reason})" if r.check.reason else "")
+
+
 def _open_chosen() -> None:
     ss._open = ss._open_widget
 
@@ -106,7 +112,7 @@ if len(results) > 1:
     st.subheader(f"Results ({len(good_keys)} of {len(results)} analysed"
                  + (f", {flagged} not assessed: not like a frontal chest X-ray" if flagged else "") + ")")
     rows = [{"thumbnail": cache[k].thumbnail, "file": cache[k].name, "P(pneumonia)": cache[k].probability,
-             "decision": records[k]["decision"].replace("_", " "), "input check": cache[k].check.reason or "ok"}
+             "decision": records[k]["decision"].replace("_", " "), "input check": _check_text(cache[k])}
             for k in good_keys]
     ss._table_keys = good_keys
     st.dataframe(rows, hide_index=True, width="stretch", key="batch_table", on_select=_open_row,
