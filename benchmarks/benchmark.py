@@ -1,9 +1,11 @@
 """Performance figures for the shipped model and app. Prints a table and JSON; asserts nothing.
 
-    uv run python -m benchmarks.benchmark [--model assets/model] [--json out.json] [--no-browser]
+    uv run python -m benchmarks.benchmark [--model assets/model] [--json out.json] [--no-browser] [--no-model]
+        [--against /tmp/before] [--compare-threads]
 
-Targets (2-core CPU): predict <= 40 ms, predict + Grad-CAM <= 150 ms, batch >= 60 img/s,
-app RSS <= 1.5 GB, cold start <= 8 s, browser upload-to-result <= 2 s, server-side upload-to-result <= 1 s.
+Targets (2-core CPU): predict <= 40 ms, predict + Grad-CAM <= 150 ms, batch >= 60 img/s, app RSS <= 1.5 GB;
+in the browser (issue #13): upload -> heatmap visible <= 0.5 s p50 for a 224 px and a 2000 px JPEG, first upload
+of a session <= 1 s, `streamlit run` -> an upload's decision and heatmap on screen <= 6 s.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import numpy as np
 import torch
 
 import model
-from benchmarks.harness import ROOT, StreamlitServer, chromium, read_decision, upload_files, wait_app_ready, wait_first_paint
+from benchmarks.harness import ROOT, StreamlitServer, chromium, wait_app_ready, wait_first_paint
 
 DATA = Path(os.environ.get("CXR_DATA_DIR", ROOT.parent / "shared" / "data" / "chest_xray"))
 TARGETS = {"predict_ms_p50": 40, "predict_gradcam_ms_p50": 150, "batch32_img_s": 60, "app_peak_rss_mb": 1536,
-           "app_cold_start_s": 8, "browser_upload_to_result_s": 2, "server_upload_to_result_s": 1}
+           "app_cold_start_usable_s": 6, "browser_upload_to_heatmap_s_p50": 0.5, "browser_first_upload_s": 1}
 
 
 def interleaved(fn_a, fn_b, n: int, warmup: int = 2) -> tuple[dict, dict]:
@@ -176,51 +178,110 @@ def bench_server_side(model_dir: Path, runs: int = 5) -> dict:
     return {"p50_s": float(np.median(ts)), "max_s": float(max(ts)), "n": len(ts)}
 
 
-def bench_browser(model_dir: Path, uploads: int = 4) -> dict:
-    files = sample_files()
-    out: dict = {}
-    server = StreamlitServer(model_dir)
-    server.start()
+def bench_files(tmp: Path, k: int = 6) -> dict[str, list[Path]]:
+    """Distinct images per size (distinct bytes, so no cache is hit): the 224 px shared copies as they
+    are, and 2000 x 1800 px JPEGs made from them (users upload originals of that size)."""
+    import io
+
+    from PIL import Image
+
+    src = sample_files(max(k, 2))[:k]
+    tmp.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[Path]] = {"224px": [], "2000px": []}
+    for i, f in enumerate(src):
+        small = tmp / f"b224_{i}.jpeg"
+        small.write_bytes(f.read_bytes())
+        big = tmp / f"b2000_{i}.jpeg"
+        buf = io.BytesIO()
+        Image.open(f).convert("L").resize((2000, 1800), Image.BICUBIC).save(buf, format="JPEG", quality=92)
+        big.write_bytes(buf.getvalue())
+        out["224px"].append(small)
+        out["2000px"].append(big)
+    return out
+
+
+def bench_browser(model_dir: Path, variants: list[tuple[str, Path, dict]], sessions: int = 3) -> dict:
+    """Per variant (label, app root, extra env): cold start, then upload -> decision / heatmap visible.
+
+    Cold start: from ``streamlit run`` to an upload's heatmap on screen, the file dropped as soon as the
+    uploader is drawn (what an impatient user does). Then, alternating between the variants so drift
+    hits all alike, ``sessions`` fresh browser sessions per size: the first upload of the session and
+    a second one in the same session. Timings come from a poller inside the page (no fixed sleeps).
+    """
+    import tempfile
+
+    from benchmarks.harness import WebsocketMeter, timed_upload, wait_idle
+
+    files = bench_files(Path(tempfile.mkdtemp(prefix="cxr_bench_")))
+    out: dict = {label: {"first_upload_s": {}, "next_upload_s": {}, "ws_bytes": {}} for label, _, _ in variants}
+    servers = {}
     try:
-        out["server_health_s"] = server.ready_after
         with chromium() as browser:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server.url)
-            wait_first_paint(page)
-            out["cold_start_to_first_page_s"] = time.perf_counter() - server.started_at
-            wait_app_ready(page)
-            out["cold_start_to_ready_s"] = time.perf_counter() - server.started_at
-            times = []
-            for k in range(uploads):
-                t = time.perf_counter()
-                upload_files(page, [str(files[k % len(files)])])
-                read_decision(page)
-                page.get_by_text("where the model looked").first.wait_for()
-                page.locator(".js-plotly-plot").nth(1).wait_for()
-                times.append(time.perf_counter() - t)
-                page.reload()
+            pages = {}
+            for label, root, env in variants:  # cold starts one at a time (each has the CPU to itself)
+                server = servers[label] = StreamlitServer(model_dir, root=root, env=env)
+                server.start()
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                meter = WebsocketMeter(page)
+                page.goto(server.url)
+                wait_first_paint(page)
+                r = out[label]
+                r["cold_start_to_first_page_s"] = time.perf_counter() - server.started_at
+                t_upload = time.perf_counter() - server.started_at
+                m = timed_upload(page, str(files["224px"][-1]))
+                r["cold_start_to_decision_s"] = t_upload + m["decision_s"]
+                r["cold_start_to_usable_s"] = t_upload + m["heatmap_s"]
                 wait_app_ready(page)
-            out["upload_to_result_s"] = {"first": times[0], "p50_after_first": float(np.median(times[1:] or times))}
-        out["peak_rss_mb"] = server.peak_rss_bytes() / 2**20
+                pages[label] = (page, meter)
+            for size in ("224px", "2000px"):
+                for k in range(sessions):
+                    for label, _, _ in variants:
+                        page, meter = pages[label]
+                        page.reload()
+                        wait_app_ready(page)
+                        first, second = files[size][(2 * k) % len(files[size])], files[size][(2 * k + 1) % len(files[size])]
+                        meter.bytes = 0
+                        m1 = timed_upload(page, str(first))
+                        wait_idle(page)
+                        ws = meter.bytes
+                        m2 = timed_upload(page, str(second))
+                        wait_idle(page)
+                        r = out[label]
+                        r["first_upload_s"].setdefault(size, []).append(m1)
+                        r["next_upload_s"].setdefault(size, []).append(m2)
+                        r["ws_bytes"].setdefault(size, []).append(ws)
+        for label, server in servers.items():
+            out[label]["peak_rss_mb"] = server.peak_rss_bytes() / 2**20
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+    for r in out.values():  # summaries: p50 over sessions (first and next uploads pooled for "all")
+        r["p50"] = {}
+        for size in r["first_upload_s"]:
+            pooled = r["first_upload_s"][size] + r["next_upload_s"][size]
+            r["p50"][size] = {
+                "decision_s": float(np.median([m["decision_s"] for m in pooled])),
+                "heatmap_s": float(np.median([m["heatmap_s"] for m in pooled])),
+                "first_upload_heatmap_s": float(np.median([m["heatmap_s"] for m in r["first_upload_s"][size]])),
+                "ws_kb": float(np.median(r["ws_bytes"][size])) / 1024,
+            }
     return out
 
 
 def render(results: dict) -> str:
     m, b = results.get("model", {}), results.get("browser", {})
-    rows = [
+    rows = [] if not m else [
         ("model load", f"{m['model_load_s']:.2f} s", ""),
         ("predict, one 224 px JPEG (p50 / p95)", f"{m['predict_ms']['p50']:.1f} / {m['predict_ms']['p95']:.1f} ms", "<= 40 ms"),
         ("predict, one 2000 px JPEG (p50)", f"{m['predict_2000px_jpeg_ms']['p50']:.1f} ms", ""),
     ]
-    for meth, r in m["predict_cam_ms"].items():
+    for meth, r in m.get("predict_cam_ms", {}).items():
         rows.append((f"predict + {model.CAM_LABELS[meth]} (p50 / p95)", f"{r['p50']:.1f} / {r['p95']:.1f} ms",
                      "<= 150 ms" if meth == "gradcam" else ""))
-    for bs, v in m["batch_img_s"].items():
+    for bs, v in m.get("batch_img_s", {}).items():
         rows.append((f"batch throughput, batch {bs}", f"{v:.0f} img/s", ">= 60 img/s" if int(bs) == 32 else ""))
-    nv = m["naive"]
-    rows += [
+    nv = m.get("naive")
+    rows += [] if not nv else [
         ("naive eager reference vs ours, interleaved: predict (p50)",
          f"{nv['predict_ms']['p50']:.1f} vs {nv['ours_predict_ms']['p50']:.1f} ms",
          f"ratio naive/ours {nv['predict_ms']['p50'] / nv['ours_predict_ms']['p50']:.2f}"),
@@ -228,17 +289,23 @@ def render(results: dict) -> str:
          f"{nv['predict_gradcam_ms']['p50']:.1f} vs {nv['ours_gradcam_ms']['p50']:.1f} ms",
          f"ratio naive/ours {nv['predict_gradcam_ms']['p50'] / nv['ours_gradcam_ms']['p50']:.2f}"),
     ]
-    if "server" in results:
+    if "server" in results and results["server"]:
         rows.append(("server-side upload -> rendered result (AppTest, p50)", f"{results['server']['p50_s']:.2f} s", "<= 1 s"))
-    if b:
+    for label, r in b.items():
+        tag = f" [{label}]" if len(b) > 1 else ""
         rows += [
-            ("app cold start -> first rendered page (browser)", f"{b['cold_start_to_first_page_s']:.1f} s", "<= 8 s"),
-            ("app cold start -> model loaded, fully usable (browser)", f"{b['cold_start_to_ready_s']:.1f} s",
-             "import-bound: torch+torchvision+scikit-learn+grad-cam"),
-            ("browser upload -> decision + heatmap (first / p50 after)",
-             f"{b['upload_to_result_s']['first']:.2f} / {b['upload_to_result_s']['p50_after_first']:.2f} s", "<= 2 s"),
-            ("app peak RSS", f"{b['peak_rss_mb']:.0f} MB", "<= 1536 MB"),
+            (f"cold start: `streamlit run` -> first page{tag}", f"{r['cold_start_to_first_page_s']:.1f} s", ""),
+            (f"cold start: `streamlit run` -> decision + heatmap of an upload dropped at first paint{tag}",
+             f"{r['cold_start_to_decision_s']:.1f} / {r['cold_start_to_usable_s']:.1f} s", "usable <= 6 s"),
         ]
+        for size, q in r["p50"].items():
+            rows += [
+                (f"browser upload -> decision shown, {size} JPEG (p50){tag}", f"{q['decision_s']:.2f} s", ""),
+                (f"browser upload -> heatmap visible, {size} JPEG (p50){tag}", f"{q['heatmap_s']:.2f} s", "<= 0.5 s"),
+                (f"browser first upload of a session -> heatmap, {size} (p50){tag}", f"{q['first_upload_heatmap_s']:.2f} s", "<= 1 s"),
+                (f"websocket bytes received per upload, {size} (p50){tag}", f"{q['ws_kb']:.0f} KB", ""),
+            ]
+        rows.append((f"app peak RSS{tag}", f"{r['peak_rss_mb']:.0f} MB", "<= 1536 MB"))
     t = results.get("training", {})
     if t:
         rows += [("training throughput (default recipe, median)", f"{t['train_img_s_median']:.1f} img/s", ""),
@@ -253,23 +320,36 @@ def render(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(model.default_model_dir()))
-    ap.add_argument("--n", type=int, default=40, help="repetitions for latency percentiles")
+    ap.add_argument("--n", type=int, default=20, help="repetitions for latency percentiles")
+    ap.add_argument("--sessions", type=int, default=3, help="browser sessions per image size (2 uploads each)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-model", action="store_true", help="skip the model-level figures")
     ap.add_argument("--no-browser", action="store_true")
-    ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--server", action="store_true", help="also time upload -> rendered page in-process (AppTest)")
+    ap.add_argument("--against", default=None, metavar="APP_ROOT",
+                    help="also run another checkout of the app (e.g. `git archive main | tar -x -C /tmp/before`), interleaved")
+    ap.add_argument("--compare-threads", action="store_true",
+                    help="also run this app with torch's default thread count (CXR_TORCH_THREADS=0), interleaved")
     args = ap.parse_args()
     model_dir = Path(args.model)
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()},
+                    "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+                    "load_avg_at_start": os.getloadavg()},
         "model_dir": str(model_dir),
-        "model": bench_model(model_dir, args.n),
         "training": training_figures(model_dir),
     }
-    if not args.no_server:
+    if not args.no_model:
+        results["model"] = bench_model(model_dir, args.n)
+    if args.server:
         results["server"] = bench_server_side(model_dir)
     if not args.no_browser:
-        results["browser"] = bench_browser(model_dir)
+        variants = [("this app", ROOT, {})]
+        if args.against:
+            variants.append(("other app", Path(args.against), {}))
+        if args.compare_threads:
+            variants.append(("torch default threads", ROOT, {"CXR_TORCH_THREADS": "0"}))
+        results["browser"] = bench_browser(model_dir, variants, args.sessions)
     print(render(results))
     print(json.dumps(results, indent=1))
     if args.json:

@@ -27,7 +27,10 @@ def free_port() -> int:
 
 
 class StreamlitServer:
-    def __init__(self, model_dir: str | Path | None = None, port: int | None = None):
+    def __init__(self, model_dir: str | Path | None = None, port: int | None = None, root: str | Path | None = None,
+                 env: dict | None = None):
+        self.root = Path(root) if root else ROOT  # another checkout of the app (e.g. a before/after comparison)
+        self.extra_env = env or {}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_dir = model_dir
@@ -36,13 +39,13 @@ class StreamlitServer:
         self.ready_after = 0.0
 
     def start(self, timeout: float = 120.0) -> "StreamlitServer":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         if self.model_dir is not None:
             env["CXR_MODEL_DIR"] = str(self.model_dir)
-        cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(self.port),
+        cmd = [sys.executable, "-m", "streamlit", "run", str(self.root / "streamlit_app.py"), "--server.port", str(self.port),
                "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -102,7 +105,7 @@ def chromium(headless: bool = True):
 
 # ---- page helpers (Streamlit DOM) -------------------------------------------------------------------
 
-DECISION_RE = r"Decision:\s*(PNEUMONIA|NORMAL|UNCERTAIN)"
+DECISION_RE = r"Decision:\s*(PNEUMONIA|NORMAL|UNCERTAIN|NOT ASSESSED)"
 
 
 def wait_first_paint(page, timeout_ms: int = 120_000) -> None:
@@ -153,3 +156,49 @@ def wait_idle(page, timeout_ms: int = 60_000) -> None:
         }""",
         timeout=timeout_ms,
     )
+
+
+# ---- timing without fixed sleeps: a poller inside the page records when things appear -----------
+
+_POLLER = """([name]) => {
+  const b = window.__bench = {t0: performance.now(), name, decision: null, heatmap: null};
+  const fresh = (el) => !el.closest('[data-stale="true"]');
+  const tick = () => {
+    const now = performance.now();
+    const h3 = [...document.querySelectorAll('h3')].filter(fresh);
+    const named = h3.some((h) => h.innerText.includes(name));
+    if (b.decision === null && named && h3.some((h) => /Decision:\\s*(PNEUMONIA|NORMAL|UNCERTAIN|NOT ASSESSED)/.test(h.innerText)))
+      b.decision = now - b.t0;
+    if (b.decision !== null && b.heatmap === null) {
+      for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+        if (!fresh(plot) || plot.querySelectorAll('.imagelayer image').length < 2) continue;
+        const wantsHeat = (plot._fullData || []).some((t) => t.type === 'heatmap');
+        if (!wantsHeat || plot.querySelector('.hm image')) { b.heatmap = now - b.t0; break; }
+      }
+    }
+    if (b.heatmap === null) setTimeout(tick, 5);
+  };
+  tick();
+}"""
+
+
+def timed_upload(page, path: str, timeout_ms: int = 120_000) -> dict:
+    """Upload one file and return seconds from the upload to (a) its decision shown and (b) its
+    X-ray + heatmap drawn by plotly, both measured in the page (polling every 5 ms, no fixed sleep).
+    The file's name must differ from the one on screen (the poller waits for its subheader)."""
+    page.evaluate(_POLLER, [Path(path).name])
+    upload_files(page, [str(path)])
+    page.wait_for_function("() => window.__bench && window.__bench.heatmap !== null", timeout=timeout_ms, polling=20)
+    b = page.evaluate("() => window.__bench")
+    return {"decision_s": b["decision"] / 1000, "heatmap_s": b["heatmap"] / 1000}
+
+
+class WebsocketMeter:
+    """Bytes the browser receives over Streamlit's websocket (the script's deltas: figures, images, text)."""
+
+    def __init__(self, page):
+        self.bytes = 0
+        page.on("websocket", lambda ws: ws.on("framereceived", self._add))
+
+    def _add(self, payload) -> None:
+        self.bytes += len(payload) if payload is not None else 0

@@ -8,17 +8,21 @@ import datetime as dt
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from .classifier import Classifier
+from .decision import NOT_ASSESSED, decide
+from .gate import UNCHECKED, InputCheck
 from .preprocessing import InvalidImageError, decode_image, resize_square
-from .report import decide
 
-RECORD_FIELDS = ["file", "sha256", "image_width", "image_height", "probability", "threshold", "uncertain_band", "decision", "model", "model_sha256", "time_utc", "error"]
-
+RECORD_FIELDS = ["file", "sha256", "image_width", "image_height", "probability", "threshold", "uncertain_band", "decision",
+                 "input_flagged", "input_check_reason", "input_check_score", "model", "model_sha256", "time_utc", "error"]
+# the DICOM tags shown beside the image: technical only, never patient or institution identifiers
+DICOM_TAGS = {"Modality": "modality", "BodyPartExamined": "body part", "ViewPosition": "view",
+              "PhotometricInterpretation": "photometric interpretation"}
 
 DISPLAY_SIDE = 1024
 
@@ -35,38 +39,93 @@ class UploadResult:
     thumbnail: str | None = None  # PNG data URI for tables
     size: tuple[int, int] | None = None  # original width, height
     error: str | None = None
+    check: InputCheck = UNCHECKED  # the input gate's verdict, from the same forward pass as the probability
+    dicom: dict = field(default_factory=dict)  # technical DICOM tags (DICOM_TAGS) when the upload is DICOM
+    format: str | None = None
+    display_uri: str | None = None  # the display copy as sent to the browser (set by the page, once)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def flagged(self) -> bool:
+        return self.ok and bool(self.check.flagged)
+
+
+def friendly_error(message: str) -> str:
+    """The decoder's message plus what the user can do about it (no library internals)."""
+    m = message.lower()
+    if any(s in m for s in ("gdcm", "pylibjpeg", "pixel data could not be decoded", "transfer syntax")):
+        return ("The DICOM image uses a compression this app cannot decode. Export it uncompressed "
+                "(or as PNG/JPEG) from your viewer and upload that.")
+    if "truncated" in m or "corrupt" in m:
+        return f"{message} Upload the file again, or re-export it from its source."
+    if "not a recognised image" in m:
+        return f"{message} Upload a chest X-ray as JPEG, PNG or DICOM."
+    if "too large" in m or "larger than" in m:
+        return f"{message} Downscale the image (2000-3000 px is plenty) and upload it again."
+    if "too small" in m or "at least" in m:
+        return f"{message} Upload the original, full-size X-ray."
+    return message
+
+
+def _decode(data: bytes):
+    """(gray, model input source, dicom tags, format). Uses ``preprocessing.decode`` when it exists
+    (it returns a DecodedImage carrying its own tags), else the plain decoder."""
+    from . import preprocessing
+
+    decode = getattr(preprocessing, "decode", None)
+    if decode is not None:
+        decoded = decode(data)
+        tags = getattr(decoded, "dicom", None) or {}
+        return decoded.gray, decoded, tags, getattr(decoded, "format", None)
+    gray = decode_image(data)
+    tags = dicom_tags(data) if preprocessing._is_dicom(data) else {}
+    return gray, None, tags, "DICOM" if tags else None
+
+
+def dicom_tags(data: bytes) -> dict:
+    """The technical tags of a DICOM file (header only; no patient identifiers are read out)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:  # tags are informative only: never fail an upload over them
+        return {}
+    return {tag: str(ds.get(tag)) for tag in DICOM_TAGS if ds.get(tag) not in (None, "")}
+
 
 def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None, batch_size: int = 16) -> list[UploadResult]:
     """Decode and score many uploads; a bad file becomes a result with ``error`` set, never an exception.
 
-    ``progress(done, total)`` is called as work completes (for a progress bar).
+    The probability and the input check come from one ``clf.predict`` pass. ``progress(done, total)``
+    is called as work completes (for a progress bar).
     """
     results = [UploadResult(name, hashlib.sha256(data).hexdigest()) for name, data in files]
     good: list[int] = []
+    sources: dict[int, object] = {}
     for i, (_, data) in enumerate(files):
         r = results[i]
         try:
-            gray = decode_image(data)
+            gray, decoded, r.dicom, r.format = _decode(data)
         except InvalidImageError as err:
-            r.error = str(err)
+            r.error = friendly_error(str(err))
         else:
             r.size = (gray.shape[1], gray.shape[0])
             r.square = resize_square(gray, clf.meta.input_size)
             r.display = fit_within(gray, DISPLAY_SIDE)
             r.thumbnail = thumbnail_data_uri(r.display)
+            sources[i] = decoded if decoded is not None else r.square
             good.append(i)
         if progress:
             progress(i + 1, 2 * len(files))
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
-        probs = clf.predict_proba([results[i].square for i in chunk])
-        for i, p in zip(chunk, probs):
-            results[i].probability = float(p)
+        preds = clf.predict([sources[i] for i in chunk])
+        for i, p in zip(chunk, preds):
+            results[i].probability = float(p.probability)
+            results[i].check = p.check
         if progress:
             progress(len(files) + start + len(chunk), 2 * len(files))
     if progress:
@@ -74,7 +133,14 @@ def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None
     return results
 
 
+def result_decision(result: UploadResult, threshold: float, band: float) -> str:
+    if not result.ok:
+        return "ERROR"
+    return decide(result.probability, threshold, band, flagged=result.flagged)
+
+
 def record(result: UploadResult, clf: Classifier, threshold: float, band: float) -> dict:
+    check = result.check if result.ok else None
     return {
         "file": result.name,
         "sha256": result.sha256,
@@ -83,12 +149,26 @@ def record(result: UploadResult, clf: Classifier, threshold: float, band: float)
         "probability": None if result.probability is None else round(result.probability, 6),
         "threshold": round(threshold, 6),
         "uncertain_band": round(band, 6),
-        "decision": decide(result.probability, threshold, band) if result.ok else "ERROR",
+        "decision": result_decision(result, threshold, band),
+        "input_flagged": None if check is None else bool(check.flagged),
+        "input_check_reason": "" if check is None else (check.reason or ""),
+        "input_check_score": None if check is None else round(float(check.score), 6),
         "model": clf.name,
         "model_sha256": clf.meta.weights_sha256,
         "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "error": result.error or "",
     }
+
+
+def json_record(rec: dict, result: UploadResult | None = None) -> dict:
+    """The JSON form of a record: the input check as one object (as the API returns it), DICOM tags when present."""
+    out = {k: v for k, v in rec.items() if not k.startswith("input_")}
+    if rec.get("input_flagged") is not None:
+        out["input_check"] = {"flagged": rec["input_flagged"], "score": rec["input_check_score"],
+                              "reason": rec["input_check_reason"] or None}
+    if result is not None and result.dicom:
+        out["dicom"] = dict(result.dicom)
+    return out
 
 
 def records_csv(records: list[dict]) -> bytes:

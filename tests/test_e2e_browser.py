@@ -19,6 +19,7 @@ from tests.conftest import IN_CI, make_artifact_with_report
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "test-artifacts"
 THRESHOLD = "P(pneumonia) at or above"
+SLOW = 180_000  # generous waits: on a shared 2-core machine a rerun can take a minute (functional asserts only)
 BAND = "Uncertain band"
 
 
@@ -53,12 +54,33 @@ def page(browser, server):
     ctx.close()
 
 
+VIEWER = "() => [...document.querySelectorAll('.js-plotly-plot')].find((p) => (p._fullData || []).some((t) => t.type === 'heatmap'))"
+
+
+def wait_viewer(page, timeout_ms: int = 60_000) -> None:
+    """The X-ray and heatmap are drawn: two image layers and the heatmap layer, in a live (not stale) chart."""
+    page.wait_for_function(
+        f"() => {{ const p = ({VIEWER})(); return p && !p.closest('[data-stale=\"true\"]')"
+        " && p.querySelectorAll('.imagelayer image').length >= 2 && p.querySelector('.hm image'); }",
+        timeout=timeout_ms,
+    )
+
+
+def viewer_axes(page) -> dict:
+    return page.evaluate(f"""() => {{
+        const L = ({VIEWER})()._fullLayout, ax = (n) => ({{range: L[n].range.slice(), length: L[n]._length}});
+        return {{x: ax('xaxis'), y: ax('yaxis'), x2: ax('xaxis2'), y2: ax('yaxis2')}};
+    }}""")
+
+
 def test_diagnose_flow(page, real_images):
     path = real_images["NORMAL"][0]
     upload_files(page, [str(path)])
     decision = read_decision(page)
     assert decision in ("PNEUMONIA", "NORMAL", "UNCERTAIN")
     page.get_by_text("where the model looked", exact=False).first.wait_for()
+    wait_viewer(page)  # X-ray + heatmap layer actually drawn by plotly
+    assert page.locator(".js-plotly-plot .colorbar").count() >= 1  # the heatmap's colour scale
     assert page.locator(".js-plotly-plot").count() >= 2  # gauge + X-ray/heatmap pair
     page.screenshot(path=str(ARTIFACTS / "e2e_diagnose.png"), full_page=True)
 
@@ -82,15 +104,84 @@ def test_diagnose_flow(page, real_images):
     page.screenshot(path=str(ARTIFACTS / "e2e_threshold_flip.png"), full_page=True)
 
 
-def test_corrupt_file_shows_error_and_good_file_still_works(page, real_images, tmp_path):
+def test_bad_files_are_listed_compactly_and_good_file_still_works(page, real_images, tmp_path):
     good = real_images["PNEUMONIA"][0]
-    corrupt = tmp_path / "corrupt.jpeg"
-    corrupt.write_bytes(good.read_bytes()[:2000])
-    upload_files(page, [str(good), str(corrupt)])
-    page.get_by_text(re.compile(r"corrupt\.jpeg.*could not be analysed")).first.wait_for(timeout=60_000)
-    assert read_decision(page) in ("PNEUMONIA", "NORMAL", "UNCERTAIN")
+    bad = []
+    for i in range(6):
+        f = tmp_path / f"corrupt{i}.jpeg"
+        f.write_bytes(good.read_bytes()[: 1500 + 100 * i])
+        bad.append(str(f))
+    upload_files(page, [str(good), *bad])
+    page.get_by_text(re.compile(r"6 of 7 file\(s\) could not be analysed: corrupt")).first.wait_for(timeout=SLOW)
+    assert read_decision(page, SLOW) in ("PNEUMONIA", "NORMAL", "UNCERTAIN")
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 1  # one box, not one per file
+    page.get_by_text("Why, and what you can do").first.click(timeout=SLOW)  # the details: one table row per file
+    page.get_by_text("Why, and what you can do").first.wait_for()
     assert page.get_by_text("Traceback").count() == 0
     page.screenshot(path=str(ARTIFACTS / "e2e_corrupt.png"), full_page=True)
+
+
+def test_uploads_survive_switching_pages(page, real_images):
+    files = [real_images["NORMAL"][0], real_images["PNEUMONIA"][1]]
+    upload_files(page, [str(f) for f in files])
+    read_decision(page, SLOW)
+    page.get_by_role("link", name="Model report").click(timeout=SLOW)
+    page.get_by_text("ROC curve").first.wait_for(timeout=SLOW)
+    page.get_by_role("link", name="Diagnose").click(timeout=SLOW)
+    page.get_by_text("earlier result(s) from this session").first.wait_for(timeout=SLOW)
+    assert read_decision(page, SLOW) in ("PNEUMONIA", "NORMAL", "UNCERTAIN")
+    for f in files:  # both rows of the batch table are back
+        assert page.get_by_text(f.name).count() >= 1
+    wait_viewer(page, SLOW)
+
+
+def test_zoom_and_reset_keep_both_views_aligned(page, real_images):
+    upload_files(page, [str(real_images["PNEUMONIA"][0])])
+    read_decision(page)
+    wait_viewer(page)
+    start = viewer_axes(page)
+    box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()  # the left panel's drag area
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    page.wait_for_timeout(300)
+    zoomed = viewer_axes(page)
+    assert zoomed["x"]["range"] != start["x"]["range"]
+    assert zoomed["x2"]["range"] == zoomed["x"]["range"] and zoomed["y2"]["range"] == zoomed["y"]["range"]
+    page.mouse.dblclick(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    page.wait_for_timeout(300)
+    reset = viewer_axes(page)
+    for a in ("x", "y", "x2", "y2"):  # both panels back to the whole image
+        assert reset[a]["range"] == pytest.approx(start[a]["range"], abs=1e-6), a
+
+    def scale(v, a):  # pixels per image pixel along one axis
+        return v[a]["length"] / abs(v[a]["range"][1] - v[a]["range"][0])
+
+    for v in (start, reset):  # square image pixels in both panels, and the two panels the same size
+        assert scale(v, "x") == pytest.approx(scale(v, "y"), rel=0.02)
+        assert scale(v, "x2") == pytest.approx(scale(v, "y2"), rel=0.02)
+        assert scale(v, "x2") == pytest.approx(scale(v, "x"), rel=0.02)
+
+
+def test_flagged_upload_gets_a_card_not_a_decision(page, server, tmp_path):
+    """An all-white square is not a chest film: the gate must flag it. Needs the real input gate."""
+    import numpy as np
+    from PIL import Image
+
+    import model
+
+    clf = model.load_model(server.model_dir)
+    if not getattr(clf, "has_gate", False):
+        pytest.skip("the shipped model has no input gate yet (clf.has_gate is False): enable once the gate lands")
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full((512, 512), 255, np.uint8)).save(white)
+    upload_files(page, [str(white)])
+    assert read_decision(page) == "NOT ASSESSED"
+    page.get_by_text("This does not look like a frontal chest X-ray").first.wait_for()
+    page.get_by_text("Show the model's output anyway").first.click()
+    page.get_by_text("Unreliable").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "e2e_flagged.png"), full_page=True)
 
 
 def test_report_page_follows_threshold(page):

@@ -10,6 +10,7 @@ value tuned on one page is the value the other page uses.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,20 @@ class Loaded:
     history: list | None
 
 
+THREADS_ENV = "CXR_TORCH_THREADS"
+
+
+def _serving_threads() -> None:
+    """Torch intra-op threads while serving: 1 by default (measured in benchmarks/benchmark.py: on a
+    2-core machine a second torch thread fights the browser and the Streamlit server for the cores);
+    ``CXR_TORCH_THREADS`` overrides it (0 = torch's default)."""
+    import torch
+
+    n = int(os.environ.get(THREADS_ENV, "1") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 @st.cache_resource(show_spinner="Loading the model (first visit only)...")
 def _load(model_dir: str) -> Loaded:
     import numpy as np
@@ -47,6 +62,7 @@ def _load(model_dir: str) -> Loaded:
     import model
     from model.report import EvaluationReport
 
+    _serving_threads()
     clf = model.load_model(model_dir)
     data = clf.report()
     history = clf.history()
@@ -114,8 +130,14 @@ def _sync_widgets() -> None:
 
 
 def presets(loaded: Loaded) -> dict[str, float]:
+    """The model's default threshold and its named operating points, each value shown once
+    (the training CLI also stores the default as "screening": that would be a duplicate button)."""
     meta = loaded.clf.meta
-    return {"default": meta.threshold, **{k: v for k, v in meta.operating_points.items() if k in PRESET_LABELS}}
+    out = {"default": float(meta.threshold)}
+    for k, v in meta.operating_points.items():
+        if k in PRESET_LABELS and all(abs(float(v) - o) > 5e-4 for o in out.values()):
+            out[k] = float(v)
+    return out
 
 
 def threshold() -> float:
@@ -132,10 +154,15 @@ def sidebar(loaded: Loaded | None) -> None:
             _init(loaded)
             meta = loaded.clf.meta
             st.subheader("Decision threshold")
-            st.slider("P(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.01,
-                      key="_threshold_widget", on_change=_sync_widgets, format="%.2f")
-            for key, value in presets(loaded).items():
-                st.button(f"{PRESET_LABELS[key]}: {value:.2f}", key=f"preset_{key}", on_click=_set_threshold,
+            st.slider("P(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.001,
+                      key="_threshold_widget", on_change=_sync_widgets, format="%.3f")
+            points = presets(loaded)
+            default = points.pop("default")
+            st.button(f"Reset to the model's default: {default:.3f}", key="preset_default", on_click=_set_threshold,
+                      args=(default,), help=PRESET_HELP["default"], width="stretch", icon=":material/restart_alt:",
+                      disabled=abs(threshold() - default) < 5e-7)
+            for key, value in points.items():
+                st.button(f"{PRESET_LABELS[key]}: {value:.3f}", key=f"preset_{key}", on_click=_set_threshold,
                           args=(value,), help=PRESET_HELP[key], width="stretch")
             if loaded.report is not None:
                 m = loaded.report.at(threshold())
@@ -144,8 +171,8 @@ def sidebar(loaded: Loaded | None) -> None:
                 c2.metric("Specificity", f"{m['specificity']:.1%}")
                 st.caption(f"Expected at this threshold: measured on the model's {loaded.report.split} split "
                            f"({loaded.report.n} images). New data may differ.")
-            st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.01, key="_band_widget",
-                      on_change=_sync_widgets, format="%.2f",
+            st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.005, key="_band_widget",
+                      on_change=_sync_widgets, format="%.3f",
                       help="Probabilities this close to the threshold are reported as UNCERTAIN.")
             st.divider()
             st.caption(
