@@ -16,7 +16,7 @@ from ui.charts import (  # noqa: E402  (plotly: cheap once page_setup has run)
     PLOTLY_CONFIG, confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
 from ui.gallery import gallery_section, uncertain_sentence  # noqa: E402
-from model.report import EvaluationReport, ReportError  # noqa: E402
+from model.report import EvaluationReport, ReportError, escape_markdown  # noqa: E402
 
 uploaded_report = st.file_uploader(
     "Optional: load another evaluation report (JSON from `python -m training.evaluate`)", type=["json"], key="other_report",

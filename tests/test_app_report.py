@@ -33,6 +33,23 @@ def variant(src: Path, dest: Path, **fields) -> Path:
     return dest
 
 
+def fit_real_gate(d: Path) -> None:
+    import torch
+
+    from training.fit_gate import fit_and_store
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (24, 1, 64, 64), generator=g, dtype=torch.uint8)
+    fit_and_store(d, imgs, torch.tensor([0, 1] * 12), imgs[::2])
+
+
+def variant_in_place(d: Path, **fields) -> None:
+    meta = json.loads((d / META_FILE).read_text())
+    for key, value in fields.items():
+        meta[key] = {**meta.get(key, {}), **value}
+    (d / META_FILE).write_text(json.dumps(meta))
+
+
 def open_report(monkeypatch, model_dir: Path, data: Path | None = None) -> AppTest:
     monkeypatch.setenv("CXR_MODEL_DIR", str(model_dir))
     if data is not None:
@@ -124,7 +141,9 @@ def test_gate_and_faithfulness_tables_when_present(monkeypatch, app_model, tmp_p
     gate = {"method": "mahalanobis", "threshold": 123.4, "val_flag_rate": 0.008,
             "ood_eval": {"natural_photo": {"n": 26, "flag_rate": 1.0, "auroc": 0.999},
                          "adult_chest": {"n": 17, "flag_rate": 0.35, "auroc": 0.8}}}
-    d = variant(app_model, tmp_path / "gated", gate=gate)
+    d = variant(app_model, tmp_path / "gated")
+    fit_real_gate(d)  # a gate block needs its gate.safetensors (checksummed); then add the figures to show
+    variant_in_place(d, gate=gate)
     (d / "faithfulness.json").write_text(json.dumps({"rows": [
         {"method": "gradcam", "layer": "layer4", "road_combined": 0.12},
         {"method": "gradcam", "layer": "layer3", "road_combined": 0.18}]}))
@@ -164,5 +183,5 @@ def test_operating_points_fold_duplicates():
 
 
 def test_md_escape_neutralises_markup():
-    assert card.md_escape("**x** [a](http://e) :red[y] $z$\n<b>") == r"\*\*x\*\* \[a\](http\://e) \:red\[y\] \$z\$ \<b\>"
+    assert card.md_escape("**x** [a](http://e) :red[y] $z$\n<b>") == r"\*\*x\*\* \[a\]\(http\://e\) \:red\[y\] \$z\$ \<b\>"
     assert card.md_escape("my-hospital 2.0") == "my-hospital 2.0"
