@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR", str(SHARED / "chest_xray")))
     p.add_argument("--ood-dir", default=str(SHARED / "ood_dev"))
     p.add_argument("--out", default="", help="write the summary as JSON here")
+    p.add_argument("--record", action="store_true",
+                   help="also store the per-group figures in the model's model.json (the report page shows them)")
     args = p.parse_args()
 
     from training.data import read_split
@@ -158,6 +160,12 @@ def main() -> None:
     cost = gate_cost(clf, films[0])
     print(f"cost: predict p50 {cost['with_gate_ms_p50']:.1f} ms with the gate, {cost['without_gate_ms_p50']:.1f} ms "
           f"without: {cost['added_ms']:+.2f} ms")
+    if args.record:
+        path = Path(clf.directory) / "model.json"
+        meta = json.loads(path.read_text())
+        meta["gate"]["ood_eval"] = {k: {"n": r["n"], "flag_rate": r["stopped_rate"], "auroc": r.get("auroc_vs_val")}
+                                    for k, r in summary.items()}
+        path.write_text(json.dumps(meta, indent=2) + "\n")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": clf.name, "weights_sha256": clf.meta.weights_sha256,
                                               "threshold": clf.gate.threshold, "groups": summary, "cost": cost,
