@@ -357,8 +357,9 @@ async def read_single_upload(request: Request) -> bytes:
 
 
 def _decode(data: bytes):
+    """DecodedImage: the grey image plus the DICOM tags and colour content the input check reads."""
     try:
-        return model.decode_image(data)
+        return model.decode(data)
     except model.InvalidImageError as err:
         raise ApiError(str(err)) from None
     except Exception:  # a decoder bug must still give the client an answer, not a 500
@@ -437,17 +438,18 @@ async def predict(
     def work() -> dict:
         from model.results import png_bytes
 
-        gray = _decode(data)
+        decoded = _decode(data)
+        gray = decoded.gray
         out: dict = {}
         if cam:
-            analysis = clf.analyze(gray, method=cam)
+            analysis = clf.analyze(decoded, method=cam)
             prob, check = analysis.probability, analysis.check
             if not check.flagged or force:
                 rgb = model.overlay(gray, analysis.heatmap, opacity)
                 out["overlay_png_base64"] = base64.b64encode(png_bytes(rgb)).decode()
             out["cam_method"] = cam
         else:
-            pred = clf.predict([gray])[0]
+            pred = clf.predict([decoded])[0]
             prob, check = pred.probability, pred.check
         return {**_outcome(prob, check, t, band, force), "forced": force, "threshold": t, "band": band,
                 "image_size": [int(gray.shape[1]), int(gray.shape[0])], "model": clf.name,
@@ -486,14 +488,15 @@ async def predict_batch(request: Request, threshold: Threshold = None, band: Ban
                     entry["error"] = f"The file is larger than the limit of {_mb(MAX_FILE_BYTES)}."
                     continue
                 try:
-                    gray = _decode(bytes(part.data))
+                    decoded = _decode(bytes(part.data))
+                    gray = decoded.gray
                 except ApiError as err:
                     entry["error"] = err.message
                     continue
                 finally:
                     part.data = bytearray()  # the raw bytes are no longer needed
                 entry["image_size"] = [int(gray.shape[1]), int(gray.shape[0])]
-                grays.append((entry, gray))
+                grays.append((entry, decoded))
             if grays:
                 preds = clf.predict([g for _, g in grays])
                 for (entry, _), pred in zip(grays, preds):

@@ -27,11 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def _decode(source):
-    decode = getattr(model.preprocessing, "decode", None)
-    return decode(source) if decode else model.decode_image(source)
-
-
 def synthetic(val_films: list[np.ndarray], seed: int = 0) -> dict[str, list[np.ndarray]]:
     from PIL import Image, ImageDraw
 
@@ -72,7 +67,7 @@ def run(clf: model.Classifier, groups: dict[str, list], batch_size: int = 32) ->
         decoded, refused = [], 0
         for item in items:
             try:
-                decoded.append(item if isinstance(item, np.ndarray) else _decode(item))
+                decoded.append(item if isinstance(item, np.ndarray) else model.decode(item))
             except InvalidImageError:
                 refused += 1
         preds = clf.predict(decoded, batch_size) if decoded else []

@@ -19,7 +19,7 @@ _EXPORTS = {
                    "load_model", "overlay"],
     "decision": ["DEFAULT_BAND", "NOT_ASSESSED", "decide"],
     "gate": ["InputCheck"],
-    "preprocessing": ["MAX_PIXELS", "InvalidImageError", "decode_image", "load_square", "normalize", "preprocess",
+    "preprocessing": ["MAX_PIXELS", "DecodedImage", "InvalidImageError", "decode", "decode_image", "load_square", "normalize", "preprocess",
                       "resize_square"],
     "registry": ["PretrainedWeightsUnavailable", "cam_target_layer", "create_model", "get_spec", "list_models"],
 }

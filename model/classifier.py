@@ -22,7 +22,7 @@ from PIL import Image
 
 from .gate import UNCHECKED, Gate, InputCheck, gate_layers, pooled, rule_reason
 from .artifact import HISTORY_FILE, REPORT_FILE, ModelMeta, load_artifact, read_json, torch_device
-from .preprocessing import ImageSource, as_gray, resize_square
+from .preprocessing import ImageSource, as_gray, decode, resize_square
 from .registry import cam_target_layer, get_spec
 
 # architectures whose CAM layer feeds global average pooling and one linear layer directly, where
@@ -77,15 +77,9 @@ def default_model_dir() -> Path:
 
 def _decoded(image) -> tuple[np.ndarray, float, dict]:
     """(uint8 gray, colourfulness, technical DICOM tags) of any accepted input."""
-    from . import preprocessing
-
-    if hasattr(image, "gray") and hasattr(image, "dicom"):  # an already decoded DecodedImage
-        return image.gray, float(getattr(image, "colorfulness", 0.0)), dict(image.dicom or {})
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2:
-        return image, 0.0, {}
-    decode = getattr(preprocessing, "decode", None)
-    if decode is None:
-        return as_gray(image), 0.0, {}
+        gray = as_gray(image)  # already decoded (a display copy or a model-input square): checked, not copied
+        return gray, 0.0, {}
     d = decode(image)
     return d.gray, float(d.colorfulness), dict(d.dicom or {})
 

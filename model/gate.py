@@ -84,14 +84,6 @@ def rule_reason(square: np.ndarray, colorfulness: float = 0.0, dicom: dict | Non
     return None
 
 
-def colorfulness(rgb: np.ndarray) -> float:
-    """Hasler & Suesstrunk (2003) colourfulness M of an H x W x 3 image (0 for grey)."""
-    x = np.asarray(rgb, dtype=np.float32)
-    rg = x[..., 0] - x[..., 1]
-    yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
-
-
 # ------------------------------------------------------------------------------------------------
 # feature-space distance
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Three stages, each usable alone so callers can cache or display intermediate results:
 
-    decode_image(source)          -> uint8 grayscale H x W   (full resolution, display-ready)
+    decode(source)                -> DecodedImage: .gray uint8 H x W (full resolution, display-ready),
+                                     .format, .colorfulness, .dicom (technical tags)
+    decode_image(source)          -> decode(source).gray
     resize_square(gray, size)     -> uint8 grayscale S x S   (what the training cache stores)
     normalize(gray_sq, mean, std, equalize_hist) -> float32 tensor 1 x S x S  (optionally rank-equalised first)
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Union
 
@@ -32,7 +36,7 @@ MAX_PIXELS = 40_000_000
 MIN_SIDE = 64
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
-ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, IO[bytes], Image.Image, np.ndarray]
+ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, IO[bytes], Image.Image, np.ndarray, "DecodedImage"]
 
 
 class InvalidImageError(ValueError):
@@ -43,10 +47,57 @@ class InvalidImageError(ValueError):
 # decoding
 # --------------------------------------------------------------------------------------------
 
+SUPPORTED = "JPEG, PNG, BMP, TIFF, DICOM"
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")  # the documented formats; nothing else reaches Pillow
+MAX_FRAMES = 64
+# Upper bound on the decoded pixel bytes a DICOM may declare (all frames and samples together), and
+# so on how far a Deflate-compressed DICOM may inflate: about four 40 MP 16-bit frames.
+MAX_DECODED_BYTES = 320 * 1024 * 1024
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_DICOM_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "BitsStored", "Rows",
+               "Columns")
+
+# Magic numbers of formats people try to upload, so the refusal can name them. Pillow is never asked
+# to open these (EPS would start Ghostscript).
+_KNOWN_UNSUPPORTED = (
+    (0, b"GIF8", "GIF"), (0, b"%!PS", "PostScript/EPS"), (0, b"\xc5\xd0\xd3\xc6", "EPS"), (0, b"%PDF", "PDF"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (0, b"\xff\x4f\xff\x51", "JPEG 2000"), (0, b"8BPS", "Photoshop"),
+    (0, b"\x00\x00\x01\x00", "ICO"), (0, b"DDS ", "DDS"), (0, b"qoif", "QOI"), (0, b"\x76\x2f\x31\x01", "OpenEXR"),
+    (0, b"\xff\x0a", "JPEG XL"), (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (0, b"gimp xcf", "GIMP XCF"),
+    (0, b"P1", "PNM"), (0, b"P2", "PNM"), (0, b"P3", "PNM"), (0, b"P4", "PNM"), (0, b"P5", "PNM"), (0, b"P6", "PNM"),
+    (0, b"\x59\xa6\x6a\x95", "Sun raster"), (0, b"\x01\xda", "SGI"), (0, b"\x0a", "PCX"), (0, b"\x8aMNG", "MNG"),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """One decoded input: the grey image every later stage uses, plus facts the input gate needs."""
+
+    gray: np.ndarray  # uint8 H x W, full resolution (what decode_image returns)
+    format: str  # "JPEG", "PNG", "BMP", "TIFF", "DICOM", "array", "PIL"
+    colorfulness: float = 0.0  # Hasler & Suesstrunk (2003) M of the RGB content before the grey conversion
+    dicom: dict = field(default_factory=dict)  # technical DICOM tags only (never patient identifiers)
+
+
+def colorfulness(rgb: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness M of a uint8 H x W x 3 image (0 for grey, ~0..150).
+
+    Large images are subsampled to about 1 MP: M is a global statistic."""
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 1_000_000)))
+    rgb = rgb[::step, ::step, :3].astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    sigma = np.sqrt(rg.std() ** 2 + yb.std() ** 2)
+    mu = np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    return float(sigma + 0.3 * mu)
+
 
 def _read_bytes(source) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
+        if len(data) > MAX_FILE_BYTES:
+            raise InvalidImageError(f"The file is larger than {MAX_FILE_BYTES // 2**20} MB.")
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -58,6 +109,9 @@ def _read_bytes(source) -> bytes:
         if hasattr(source, "seek"):
             source.seek(0)
         data = source.read(MAX_FILE_BYTES + 1)
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidImageError("The file must be opened in binary mode.")
+        data = bytes(data)
         if len(data) > MAX_FILE_BYTES:
             raise InvalidImageError(f"The file is larger than {MAX_FILE_BYTES // 2**20} MB.")
     else:
@@ -69,6 +123,34 @@ def _read_bytes(source) -> bytes:
 
 def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """A DICOM stream without preamble starts with a group 0002 or 0008 element (little endian)."""
+    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[2:4] in (b"\x00\x00", b"\x01\x00",
+                                                                                      b"\x02\x00", b"\x05\x00",
+                                                                                      b"\x08\x00", b"\x10\x00",
+                                                                                      b"\x12\x00", b"\x16\x00")
+
+
+def _unsupported_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        return "AVIF" if brand.startswith(b"avi") else "HEIC/HEIF" if brand[:3] in (b"hei", b"mif", b"hev") else "MP4/QuickTime"
+    for offset, magic, name in _KNOWN_UNSUPPORTED:
+        if data[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def _not_recognised(data: bytes) -> InvalidImageError:
+    name = _unsupported_format(data)
+    if name:
+        return InvalidImageError(f"This file is not a recognised image: {name} is not supported "
+                                 f"(supported formats: {SUPPORTED}).")
+    return InvalidImageError(f"This file is not a recognised image (supported formats: {SUPPORTED}).")
 
 
 def _check_dims(width: int, height: int) -> None:
@@ -87,6 +169,10 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     """Linearly window a high-bit-depth or float image to 0..255 using its own value range."""
     if arr.dtype == np.uint8:
         return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype.kind not in "iuf":
+        raise InvalidImageError(f"Unsupported pixel type: {arr.dtype}.")
     arr = arr.astype(np.float64)
     finite = np.isfinite(arr)
     if not finite.any():
@@ -98,124 +184,328 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _pil_to_gray(im: Image.Image) -> np.ndarray:
+def _rgb_to_gray(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """uint8 H x W x 3 -> (grey as Pillow's ITU-R 601 'L' conversion, colourfulness)."""
+    rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+    gray = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.uint8)
+    return gray, colorfulness(rgb)
+
+
+def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, float]:
     _check_dims(*im.size)
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # malformed EXIF must not make an otherwise fine image unusable
         pass
+    _check_dims(*im.size)
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _to_uint8(np.asarray(im))
-    if mode == "1":
-        im = im.convert("L")
-    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        return _to_uint8(np.asarray(im)), 0.0
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.uint8), 0.0
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(background, rgba).convert("L")
-    elif mode != "L":
-        im = im.convert("RGB").convert("L")  # CMYK, YCbCr, P, RGB, LAB ... through RGB
-    return np.asarray(im, dtype=np.uint8)
+        im = Image.alpha_composite(background, rgba)
+    return _rgb_to_gray(np.asarray(im.convert("RGB")))  # CMYK, YCbCr, P, RGB, LAB ... through RGB
 
 
-def _decode_raster(data: bytes) -> np.ndarray:
+def _decode_raster(data: bytes) -> DecodedImage:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
             _check_dims(*im.size)  # header only: refuse bombs before decoding pixels
             im.load()
+            fmt = "JPEG" if im.format == "MPO" else str(im.format)
+            gray, colour = _pil_to_gray(im)
         except InvalidImageError:
             raise
         except UnidentifiedImageError:
-            raise InvalidImageError(
-                "This file is not a recognised image (supported: JPEG, PNG, BMP, TIFF, DICOM)."
-            ) from None
+            raise _not_recognised(data) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InvalidImageError(
                 f"The image is too large: it declares more pixels than can be decoded safely (limit {MAX_PIXELS / 1e6:.0f} megapixels)."
             ) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
+        except MemoryError:
+            raise InvalidImageError("The image needs more memory to decode than is available.") from None
+        except Exception as err:  # Pillow's plugins raise many types on corrupt data
             msg = str(err)
             if "truncated" in msg or "broken data stream" in msg or isinstance(err, EOFError):
                 raise InvalidImageError("The image file is truncated or corrupt.") from None
-            raise InvalidImageError(f"The image could not be decoded ({msg or type(err).__name__}).") from None
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)
-        return _pil_to_gray(im)
+            raise InvalidImageError(f"The image could not be decoded ({_short(msg) or type(err).__name__}).") from None
+    return DecodedImage(gray, fmt, colour, {})
 
 
-def _decode_dicom(data: bytes, force: bool) -> np.ndarray:
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- DICOM ----------------------------------------------------------------------------------------
+
+
+def _tag(ds, name: str, default=None):
+    """A data element's value, or ``default`` when absent or unreadable (lazily converted values raise)."""
+    try:
+        value = ds.get(name, default)
+    except Exception:
+        return default
+    return default if value is None or value == "" else value
+
+
+def _tag_int(ds, name: str, default: int | None = None, required: bool = False) -> int | None:
+    value = _tag(ds, name, None)
+    if value is None:
+        if required:
+            raise InvalidImageError(f"The DICOM file lacks a valid {name}.")
+        return default
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            raise TypeError("multi-valued")
+        if isinstance(value, (bytes, bytearray)):
+            raise TypeError("bytes")
+        number = float(value)
+        if not np.isfinite(number) or number != int(number):
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidImageError(f"The DICOM file has an invalid {name} ({_short(repr(value), 40)}).") from None
+
+
+def _dicom_tags(ds) -> dict:
+    tags = {}
+    for name in _DICOM_TAGS:
+        value = _tag(ds, name)
+        if value is not None:
+            tags[name] = _short(str(value), 64)
+    try:
+        ts = ds.file_meta.TransferSyntaxUID
+        tags["TransferSyntaxUID"] = _short(ts.name if ts.name else str(ts), 120)
+    except Exception:
+        pass
+    return tags
+
+
+def _transfer_syntax(ds) -> str:
+    try:
+        return str(ds.file_meta.TransferSyntaxUID)
+    except Exception:
+        return ""
+
+
+def _check_dicom_header(ds) -> tuple[int, int, int, int]:
+    """Validate the declared geometry before any pixel is decoded; returns rows, cols, frames, samples."""
+    rows = _tag_int(ds, "Rows", required=True)
+    cols = _tag_int(ds, "Columns", required=True)
+    if rows <= 0 or cols <= 0:
+        raise InvalidImageError(f"The DICOM file declares an empty image ({cols} x {rows}).")
+    _check_dims(cols, rows)
+    frames = _tag_int(ds, "NumberOfFrames", 1) or 1
+    if frames < 0:
+        raise InvalidImageError(f"The DICOM file has an invalid NumberOfFrames ({frames}).")
+    if frames > MAX_FRAMES:
+        raise InvalidImageError(f"The DICOM file has {frames} frames; a single radiograph is expected.")
+    samples = _tag_int(ds, "SamplesPerPixel", 1)
+    allocated = _tag_int(ds, "BitsAllocated", required=True)
+    stored = _tag_int(ds, "BitsStored", allocated)
+    if samples not in (1, 3) or allocated not in (1, 8, 16, 32) or not 1 <= stored <= allocated:
+        raise InvalidImageError(
+            f"The DICOM file has an inconsistent pixel description (SamplesPerPixel {samples}, "
+            f"BitsAllocated {allocated}, BitsStored {stored}).")
+    photometric = str(_tag(ds, "PhotometricInterpretation", "")).strip().upper()
+    expected_samples = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3,
+                        "YBR_FULL_422": 3, "YBR_ICT": 3, "YBR_RCT": 3, "YBR_PARTIAL_420": 3}
+    if photometric not in expected_samples:
+        raise InvalidImageError(f"Unsupported DICOM photometric interpretation: {_short(photometric, 40) or 'none'}.")
+    if samples != expected_samples[photometric]:
+        raise InvalidImageError(
+            f"The DICOM file is inconsistent: {photometric} with SamplesPerPixel {samples}.")
+    if rows * cols * frames * samples * max(1, allocated // 8) > MAX_DECODED_BYTES:
+        raise InvalidImageError(
+            f"The DICOM file declares too much pixel data ({frames} frame(s) of {cols} x {rows}); "
+            "a single radiograph is expected.")
+    return rows, cols, frames, samples
+
+
+def _check_deflated(data: bytes, force: bool) -> None:
+    """Bound a Deflate-compressed DICOM before pydicom inflates it all in memory (a decompression bomb)."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    fp = io.BytesIO(data)
+    try:
+        pydicom.filereader.read_preamble(fp, force)  # advances fp past the preamble
+        pydicom.filereader._read_file_meta_info(fp)
+    except Exception:
+        return  # not a well-formed file meta group: dcmread decides (and cannot inflate without one)
+    body = data[fp.tell():]
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    head = b""
+    limit = MAX_DECODED_BYTES + 16 * 2**20
+    declared_checked = False
+    try:
+        for start in range(0, len(body), 16384):  # 16 KiB in -> at most ~17 MB out per step
+            out = inflater.decompress(body[start:start + 16384])
+            total += len(out)
+            if not declared_checked:
+                head += out
+                if len(head) >= 2**20 or start + 16384 >= len(body):
+                    declared_checked = True
+                    try:
+                        hds = pydicom.dcmread(io.BytesIO(head), force=True, stop_before_pixels=True)
+                        if "Rows" in hds:
+                            rows, cols, frames, samples = _check_dicom_header(hds)
+                            bits = _tag_int(hds, "BitsAllocated", 16)
+                            limit = min(limit, rows * cols * frames * samples * max(1, bits // 8) + 16 * 2**20)
+                    except InvalidImageError:
+                        raise
+                    except Exception:
+                        pass
+                    head = b""
+            if total > limit:
+                raise InvalidImageError(
+                    "The compressed DICOM file inflates to more data than it declares or than can be decoded "
+                    "safely (a decompression bomb); it was refused.")
+    except zlib.error:
+        raise InvalidImageError("The compressed DICOM file is corrupt (its Deflate stream is invalid).") from None
+    if not inflater.eof:
+        raise InvalidImageError("The compressed DICOM file is truncated.")
+
+
+def _window(arr: np.ndarray, ds) -> np.ndarray | None:
+    """Apply the first VOI LUT or window as a viewer does and map its output range to 0..255;
+    ``None`` when the dataset has no usable VOI transform."""
+    from pydicom.pixels import apply_voi_lut
+
+    has_lut = bool(_tag(ds, "VOILUTSequence"))
+    has_window = _tag(ds, "WindowCenter") is not None and _tag(ds, "WindowWidth") is not None
+    if not has_lut and not has_window:
+        return None
+    try:
+        if has_lut:
+            item = ds.VOILUTSequence[0]
+            bits = int(item.LUTDescriptor[2])
+            out = np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
+            y_min, y_max = 0.0, float(max(2**bits - 1, np.nanmax(out)))
+        else:
+            width = ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth
+            if not np.isfinite(float(width)) or float(width) < 1:
+                return None
+            out = np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=False), dtype=np.float64)
+            # apply_windowing's output range: the stored range (BitsStored, signedness) through the rescale
+            stored = int(ds.BitsStored)
+            if _tag(ds, "ModalityLUTSequence"):
+                y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+            elif int(ds.PixelRepresentation) == 0:
+                y_min, y_max = 0.0, float(2**stored - 1)
+            else:
+                y_min, y_max = float(-(2 ** (stored - 1))), float(2 ** (stored - 1) - 1)
+            slope, intercept = _tag(ds, "RescaleSlope"), _tag(ds, "RescaleIntercept")
+            if slope is not None and intercept is not None:
+                y_min, y_max = y_min * float(slope) + float(intercept), y_max * float(slope) + float(intercept)
+    except InvalidImageError:
+        raise
+    except Exception:  # a malformed VOI module should not hide an otherwise readable image
+        return None
+    if y_max == y_min or not np.isfinite(out).any():
+        return None
+    scaled = (np.nan_to_num(out, nan=y_min) - y_min) * (255.0 / (y_max - y_min))
+    return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
+
+
+def _decode_dicom(data: bytes, force: bool) -> DecodedImage:
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     try:
+        head = pydicom.dcmread(io.BytesIO(data), force=force, stop_before_pixels=True)
+        if _transfer_syntax(head) == _DEFLATED:
+            _check_deflated(data, force)
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
+    except InvalidImageError:
+        raise
+    except MemoryError:
+        raise InvalidImageError("The DICOM file needs more memory to read than is available.") from None
+    except Exception:  # InvalidDicomError, BytesLengthException, NotImplementedError (bad VR), zlib.error, ...
         raise InvalidImageError("The DICOM file could not be read (corrupt or not DICOM).") from None
     if "PixelData" not in ds:
         raise InvalidImageError("The DICOM file holds no image (no PixelData).")
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
-        raise InvalidImageError("The DICOM file lacks valid Rows/Columns.") from None
-    _check_dims(cols, rows)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 64:
-        raise InvalidImageError(f"The DICOM file has {frames} frames; a single radiograph is expected.")
+    rows, cols, frames, samples = _check_dicom_header(ds)
+    tags = _dicom_tags(ds)
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
     try:
         arr = ds.pixel_array
+    except MemoryError:
+        raise InvalidImageError("The DICOM pixel data needs more memory to decode than is available.") from None
     except Exception as err:  # pydicom raises many types for bad/unsupported pixel data
-        raise InvalidImageError(f"The DICOM pixel data could not be decoded ({err}).") from None
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if frames > 1 or (arr.ndim == 3 and photometric.startswith("MONOCHROME")):
+        raise InvalidImageError(f"The DICOM pixel data could not be decoded ({_short(str(err)) or type(err).__name__}).") from None
+    arr = np.asarray(arr)
+    want = (rows, cols) if samples == 1 else (rows, cols, 3)
+    if arr.shape[-len(want):] != want or arr.ndim not in (len(want), len(want) + 1):
+        raise InvalidImageError(f"The DICOM pixel data does not match its declared size ({cols} x {rows}).")
+    if arr.ndim == len(want) + 1:  # several frames: the first with content
         usable = [f for f in arr if np.ptp(f) > 0]
         if not usable:
             raise InvalidImageError("The multi-frame DICOM has no frame with image content.")
         arr = usable[0]
+
     if photometric.startswith("MONOCHROME"):
+        stored = _tag_int(ds, "BitsStored", 16)
+        if arr.dtype.kind == "u" and stored < arr.dtype.itemsize * 8:
+            arr = arr & np.asarray(2**stored - 1, dtype=arr.dtype)  # bits above HighBit are not pixel data
         try:
             arr = apply_modality_lut(arr, ds)
-            arr = apply_voi_lut(arr, ds, index=0)
-        except Exception:  # a malformed LUT should not hide an otherwise readable image
+        except Exception:  # a malformed modality LUT should not hide an otherwise readable image
             pass
-        arr = _to_uint8(np.asarray(arr))
+        gray = _window(np.asarray(arr), ds)
+        if gray is None:  # no window: stretch the stored values to 0..255
+            gray = _to_uint8(np.asarray(arr))
         if photometric == "MONOCHROME1":  # 0 = white: invert so bone is bright as in MONOCHROME2
-            arr = 255 - arr
-        return arr
-    # colour DICOM (secondary captures): pydicom converts YBR to RGB by default
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            gray = 255 - gray
+        return DecodedImage(gray, "DICOM", 0.0, tags)
+    if photometric == "PALETTE COLOR":
+        try:
+            rgb = np.asarray(apply_color_lut(arr, ds))
+        except Exception as err:
+            raise InvalidImageError(f"The DICOM colour palette could not be applied ({_short(str(err))}).") from None
+        if rgb.dtype != np.uint8:  # 16-bit palette entries: 0..65535 (some writers use only 0..255)
+            wide = rgb.size and rgb.max() > 255
+            rgb = np.round(rgb.astype(np.float64) / 257.0).astype(np.uint8) if wide else rgb.astype(np.uint8)
+    else:  # RGB; YBR_* arrive as RGB (pydicom and the JPEG/J2K decoders convert them)
+        rgb = arr if arr.dtype == np.uint8 else _to_uint8(arr)
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
         raise InvalidImageError(f"Unsupported DICOM photometric interpretation: {photometric}.")
-    return _pil_to_gray(Image.fromarray(_to_uint8(arr[..., :3])))
+    gray, colour = _rgb_to_gray(rgb)
+    return DecodedImage(gray, "DICOM", colour, tags)
 
 
-def _from_array(arr: np.ndarray) -> np.ndarray:
+# ---- arrays and the public entry points ---------------------------------------------------------------
+
+
+def _from_array(arr: np.ndarray) -> DecodedImage:
     arr = np.asarray(arr)
+    if arr.dtype.kind not in "biuf":
+        raise InvalidImageError(f"Unsupported array type: {arr.dtype}.")
     if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        _check_dims(arr.shape[1], arr.shape[0])
         if arr.shape[-1] == 1:
             arr = arr[..., 0]
         else:
-            rgb = _to_uint8(arr[..., :3])
-            return _pil_to_gray(Image.fromarray(rgb, "RGB"))
+            gray, colour = _rgb_to_gray(_to_uint8(arr[..., :3]))
+            return DecodedImage(gray, "array", colour, {})
     if arr.ndim != 2:
         raise InvalidImageError(f"Expected a 2-D grayscale or H x W x C array, got shape {arr.shape}.")
     _check_dims(arr.shape[1], arr.shape[0])
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    return _to_uint8(arr)
+    return DecodedImage(_to_uint8(arr), "array", 0.0, {})
 
 
-def decode_image(source: ImageSource) -> np.ndarray:
-    """Decode any supported input to a full-resolution uint8 grayscale array (H x W).
-
-    Accepts bytes, a path, a binary file object, a PIL image or a numpy array. Raster formats go
-    through Pillow (EXIF orientation applied, alpha composited on black, >8-bit windowed to its
-    own range); DICOM (by preamble, else as a fallback for unrecognised files) goes through pydicom
-    with modality LUT, first VOI LUT/window and MONOCHROME1 inversion.
-    """
+def _decode(source) -> DecodedImage:
+    if isinstance(source, DecodedImage):
+        return source
     if isinstance(source, Image.Image):
-        return _pil_to_gray(source)
+        gray, colour = _pil_to_gray(source)
+        return DecodedImage(gray, "PIL", colour, {})
     if isinstance(source, np.ndarray):
         return _from_array(source)
     data = _read_bytes(source)
@@ -224,19 +514,56 @@ def decode_image(source: ImageSource) -> np.ndarray:
     try:
         return _decode_raster(data)
     except InvalidImageError as raster_err:
-        if "not a recognised image" not in str(raster_err):
+        if "not a recognised image" not in str(raster_err) or _unsupported_format(data):
             raise
-        # extensionless DICOM written without the 128-byte preamble
+        # a DICOM stream written without the 128-byte preamble ("raw" DICOM, older exports)
         try:
             return _decode_dicom(data, force=True)
-        except InvalidImageError:
+        except InvalidImageError as dicom_err:
+            if _looks_like_raw_dicom(data):
+                raise dicom_err from None
             raise raster_err from None
 
 
+def decode(source: ImageSource) -> DecodedImage:
+    """Decode any supported input to a :class:`DecodedImage` (grey image, format, colourfulness, DICOM tags).
+
+    Accepts bytes, a path, a binary file object, a PIL image, a numpy array or a DecodedImage (returned
+    as is). Raster formats (JPEG, PNG, BMP, TIFF only) go through Pillow: EXIF orientation applied, alpha
+    composited on black, >8-bit stretched to its own range. DICOM (by preamble, else as a fallback for
+    unrecognised files) goes through pydicom: modality LUT, then the first VOI LUT or window mapped to
+    0..255 as a viewer shows it (no window: the stored values stretched to 0..255), MONOCHROME1 inverted,
+    colour converted to grey. Any problem raises :class:`InvalidImageError`; nothing else escapes.
+    """
+    try:
+        return _decode(source)
+    except InvalidImageError:
+        raise
+    except MemoryError:
+        raise InvalidImageError("The image needs more memory to decode than is available.") from None
+    except RecursionError:
+        raise InvalidImageError("The file is too deeply nested to be read (corrupt or hostile).") from None
+    except Exception as err:  # last line of defence: a decoder bug must still give a clear answer
+        raise InvalidImageError(
+            f"The file could not be decoded (unexpected {type(err).__name__}); it may be corrupt.") from err
+
+
+def decode_image(source: ImageSource) -> np.ndarray:
+    """Decode any supported input to a full-resolution uint8 grayscale array (H x W): ``decode(source).gray``."""
+    return decode(source).gray
+
+
 def as_gray(image: ImageSource) -> np.ndarray:
-    """``image`` if it is already a decoded uint8 H x W array (e.g. a display copy, which may be
-    smaller than the upload limits allow), else ``decode_image(image)``."""
+    """``image.gray`` for a DecodedImage; ``image`` if it is already a decoded uint8 H x W array (e.g. a
+    display copy, which may be smaller than the upload size limit allows, but never empty or over the
+    pixel limit); else ``decode_image(image)``."""
+    if isinstance(image, DecodedImage):
+        return image.gray
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2:
+        if image.size == 0:
+            raise InvalidImageError(f"The image is empty ({image.shape[1]} x {image.shape[0]}).")
+        if image.size > MAX_PIXELS:
+            _check_dims(image.shape[1], image.shape[0])
         return image
     return decode_image(image)
 

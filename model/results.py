@@ -16,7 +16,7 @@ from PIL import Image
 from .classifier import Classifier
 from .decision import NOT_ASSESSED, decide
 from .gate import UNCHECKED, InputCheck
-from .preprocessing import InvalidImageError, decode_image, resize_square
+from .preprocessing import InvalidImageError, decode, resize_square
 
 RECORD_FIELDS = ["file", "sha256", "image_width", "image_height", "probability", "threshold", "uncertain_band", "decision",
                  "input_flagged", "input_check_reason", "input_check_score", "model", "model_sha256", "time_utc", "error"]
@@ -70,32 +70,6 @@ def friendly_error(message: str) -> str:
     return message
 
 
-def _decode(data: bytes):
-    """(gray, model input source, dicom tags, format). Uses ``preprocessing.decode`` when it exists
-    (it returns a DecodedImage carrying its own tags), else the plain decoder."""
-    from . import preprocessing
-
-    decode = getattr(preprocessing, "decode", None)
-    if decode is not None:
-        decoded = decode(data)
-        tags = getattr(decoded, "dicom", None) or {}
-        return decoded.gray, decoded, tags, getattr(decoded, "format", None)
-    gray = decode_image(data)
-    tags = dicom_tags(data) if preprocessing._is_dicom(data) else {}
-    return gray, None, tags, "DICOM" if tags else None
-
-
-def dicom_tags(data: bytes) -> dict:
-    """The technical tags of a DICOM file (header only; no patient identifiers are read out)."""
-    try:
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-    except Exception:  # tags are informative only: never fail an upload over them
-        return {}
-    return {tag: str(ds.get(tag)) for tag in DICOM_TAGS if ds.get(tag) not in (None, "")}
-
-
 def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None, batch_size: int = 16) -> list[UploadResult]:
     """Decode and score many uploads; a bad file becomes a result with ``error`` set, never an exception.
 
@@ -108,7 +82,8 @@ def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None
     for i, (_, data) in enumerate(files):
         r = results[i]
         try:
-            gray, decoded, r.dicom, r.format = _decode(data)
+            decoded = decode(data)
+            gray, r.dicom, r.format = decoded.gray, dict(decoded.dicom), decoded.format
         except InvalidImageError as err:
             r.error = friendly_error(str(err))
         else:

@@ -14,7 +14,8 @@ from PIL import Image
 
 import model
 from model.artifact import ModelArtifactError
-from model.gate import GATE_FILE, InputCheck, colorfulness, fit_gate, rule_reason
+from model.gate import GATE_FILE, InputCheck, fit_gate, rule_reason
+from model.preprocessing import colorfulness
 
 from .conftest import make_artifact
 
@@ -182,7 +183,7 @@ def test_dicom_modality_refused_end_to_end(shipped):
     path = get_testdata_file("CT_small.dcm")
     data = open(path, "rb").read()
     try:
-        pred = shipped.predict([getattr(model.preprocessing, "decode", model.decode_image)(io.BytesIO(data))])[0]
+        pred = shipped.predict([model.decode(io.BytesIO(data))])[0]
     except model.InvalidImageError:
         pytest.skip("this pydicom cannot decode CT_small.dcm")
     assert pred.check.flagged
