@@ -144,7 +144,9 @@ def test_dicom_shows_technical_tags_only(at):
     text = " ".join(m.value for m in at.markdown)
     assert "modality: `DX`" in text and "photometric interpretation: `MONOCHROME2`" in text
     [result] = at.session_state["_results"].values()
-    assert set(result.dicom) <= {"Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation"}
+    technical = {"Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "TransferSyntaxUID",
+                 "BitsStored", "Rows", "Columns"}
+    assert set(result.dicom) <= technical and not any("Patient" in k for k in result.dicom)
 
 
 def test_threshold_three_decimals_reset_and_presets_shown_once(at, app_model):
