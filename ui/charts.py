@@ -91,7 +91,7 @@ def histogram_figure(report: EvaluationReport, threshold: float, band: float = 0
                                    marker_color=color, opacity=0.6))
     if band > 0:
         fig.add_vrect(x0=max(0, threshold - band), x1=min(1, threshold + band), fillcolor=AMBER, opacity=0.25, line_width=0)
-    anchor = "right" if threshold > 0.5 else "left"
+    anchor = "left" if threshold > 0.5 else "right"  # the label on the side with room
     fig.add_vline(x=threshold, line=dict(color="black", width=2, dash="dash"), annotation_text=f"threshold {threshold:.3f}",
                   annotation_position=f"top {anchor}")
     _layout(fig, "Score distribution by true class" + (" (shaded: uncertain band)" if band > 0 else ""),
