@@ -257,9 +257,11 @@ def screen(clf, todo: list[str], sink: Sink, ctx: dict, batch_size: int, workers
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    counts = {"screened": 0, "errors": 0}
+    if not todo:  # nothing left (a finished run rerun): do not start workers
+        return counts
     loader = DataLoader(_Chunks(todo, batch_size, clf.meta.input_size), batch_size=None, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=4 if workers else None)
-    counts = {"screened": 0, "errors": 0}
     with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress, smoothing=0.1) as bar:
         for chunk in loader:
             ok = [(p, img) for p, img, err in chunk if err is None]
