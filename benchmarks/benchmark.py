@@ -244,11 +244,15 @@ def bench_browser(model_dir: Path, variants: list[tuple[str, Path, dict]], sessi
                         m1 = timed_upload(page, str(first))
                         wait_idle(page)
                         ws = meter.bytes
-                        m2 = timed_upload(page, str(second))
-                        wait_idle(page)
                         r = out[label]
+                        try:  # FIXME: a second upload in the same session timed out once on a loaded machine (not diagnosed)
+                            m2 = timed_upload(page, str(second))
+                            wait_idle(page)
+                            r["next_upload_s"].setdefault(size, []).append(m2)
+                        except Exception as err:  # noqa: BLE001
+                            r.setdefault("errors", []).append(f"{size} second upload: {type(err).__name__}")
+                            r["next_upload_s"].setdefault(size, [])
                         r["first_upload_s"].setdefault(size, []).append(m1)
-                        r["next_upload_s"].setdefault(size, []).append(m2)
                         r["ws_bytes"].setdefault(size, []).append(ws)
         for label, server in servers.items():
             out[label]["peak_rss_mb"] = server.peak_rss_bytes() / 2**20
