@@ -102,17 +102,11 @@ def discover(paths: list[str], recursive: bool) -> list[str]:
 
 
 def decode(source, size: int | None = None):
-    """Decode with the shared preprocessing; with ``size``, shrunk to the model's input square so only
-    ~37 kB per image travels from a worker to the main process.
-
-    Uses ``preprocessing.decode`` (a DecodedImage, which also carries what the input gate needs) where it
-    exists, else the plain grayscale ``decode_image``; ``Classifier.predict`` accepts either.
-    """
+    """Decode with the shared preprocessing (a DecodedImage, which also carries what the input gate
+    reads); with ``size``, shrunk to the model's input square so only ~37 kB per image travels from a
+    worker to the main process (``Classifier.predict`` then has nothing left to resize)."""
     from . import preprocessing as pre
 
-    if not hasattr(pre, "decode"):
-        gray = pre.decode_image(source)
-        return gray if size is None else pre.resize_square(gray, size)
     d = pre.decode(source)
     return d if size is None else dataclasses.replace(d, gray=pre.resize_square(d.gray, size))
 
