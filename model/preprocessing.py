@@ -438,7 +438,9 @@ def _decode_dicom(data: bytes, force: bool) -> DecodedImage:
         arr = ds.pixel_array
     except MemoryError:
         raise InvalidImageError("The DICOM pixel data needs more memory to decode than is available.") from None
-    except Exception as err:  # pydicom raises many types for bad/unsupported pixel data
+    except BaseException as err:  # pydicom and its plugins raise many types (pyo3 panics included)
+        if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         raise InvalidImageError(f"The DICOM pixel data could not be decoded ({_short(str(err)) or type(err).__name__}).") from None
     arr = np.asarray(arr)
     want = (rows, cols) if samples == 1 else (rows, cols, 3)
@@ -543,7 +545,10 @@ def decode(source: ImageSource) -> DecodedImage:
         raise InvalidImageError("The image needs more memory to decode than is available.") from None
     except RecursionError:
         raise InvalidImageError("The file is too deeply nested to be read (corrupt or hostile).") from None
-    except Exception as err:  # last line of defence: a decoder bug must still give a clear answer
+    except BaseException as err:  # last line of defence: a decoder bug must still give a clear answer
+        # (Rust decoders such as pylibjpeg-rle raise pyo3 PanicException, a BaseException)
+        if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         raise InvalidImageError(
             f"The file could not be decoded (unexpected {type(err).__name__}); it may be corrupt.") from err
 
