@@ -120,7 +120,7 @@ def test_model_card_follows_metadata(monkeypatch, app_model, tmp_path):
     assert "one age band" not in cards[0]
     # the fixture's model has screening == default: listed once
     points = cards[0].split("Operating points")[1]
-    assert points.count("0.500") == 1 and "default (screening)" in points
+    assert points.count("0.500") == 1 and r"default \(screening\)" in points
 
 
 def test_model_card_without_description_names_the_data_folder(monkeypatch, app_model, tmp_path):
