@@ -169,7 +169,9 @@ def sidebar(loaded: Loaded | None) -> None:
                 c1, c2 = st.columns(2)
                 c1.metric("Sensitivity", f"{m['sensitivity']:.1%}")
                 c2.metric("Specificity", f"{m['specificity']:.1%}")
-                st.caption(f"Expected at this threshold: measured on the model's {loaded.report.split} split "
+                from model.report import escape_markdown
+
+                st.caption(f"Expected at this threshold: measured on the model's {escape_markdown(loaded.report.split)} split "
                            f"({loaded.report.n} images). New data may differ.")
             st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.005, key="_band_widget",
                       on_change=_sync_widgets, format="%.3f",
