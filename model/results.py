@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .classifier import Classifier
-from .decision import NOT_ASSESSED, decide
+from .decision import decide
 from .gate import UNCHECKED, InputCheck
 from .preprocessing import InvalidImageError, decode, resize_square
 

@@ -111,3 +111,51 @@ def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_store
     ds.save_as(buf, enforce_file_format=True)
     data = buf.getvalue()
     return data[132:] if not preamble else data  # no 128-byte preamble + 'DICM': like some old exports
+
+
+# ---- pages (AppTest) and the browser (Playwright), shared by the page and e2e test files ---------------
+
+APP = str(ROOT / "streamlit_app.py")
+APP_TIMEOUT = 180  # first run imports torch & co; CI machines are slow
+
+
+@pytest.fixture(scope="module")
+def app_model(tmp_path_factory, data_dir) -> Path:
+    """A random-weight model with a real report (scored on the official 16-image val folder)."""
+    return make_artifact_with_report(tmp_path_factory.mktemp("app_model"), data_dir)
+
+
+@pytest.fixture
+def at(app_model, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CXR_MODEL_DIR", str(app_model))
+    app = AppTest.from_file(APP, default_timeout=APP_TIMEOUT)
+    app.run()
+    assert not app.exception, app.exception
+    return app
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from benchmarks.harness import CHROMIUM, chromium
+
+    if not Path(CHROMIUM).exists():
+        if IN_CI:
+            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run should have installed it")
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    """The shipped model when present (what users get; its report's files live under the data folder),
+    else a random-weight model with a real report."""
+    from benchmarks.harness import StreamlitServer
+
+    model_dir = ROOT / "assets" / "model"
+    if not (model_dir / "model.json").is_file():
+        model_dir = make_artifact_with_report(tmp_path_factory.mktemp("e2e_model"), data_dir)
+    with StreamlitServer(model_dir) as s:
+        yield s

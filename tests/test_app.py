@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,24 +13,11 @@ from streamlit.testing.v1 import AppTest
 
 import model
 from model.artifact import REPORT_FILE, WEIGHTS_FILE
-from tests.conftest import dicom_bytes, make_artifact_with_report
-
-APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
-TIMEOUT = 180  # first run imports torch & co; CI machines are slow
+from tests.conftest import APP, APP_TIMEOUT as TIMEOUT, dicom_bytes
 
 
-@pytest.fixture(scope="module")
-def app_model(tmp_path_factory, data_dir) -> Path:
-    return make_artifact_with_report(tmp_path_factory.mktemp("app_model"), data_dir)
 
 
-@pytest.fixture
-def at(app_model, monkeypatch) -> AppTest:
-    monkeypatch.setenv("CXR_MODEL_DIR", str(app_model))
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    app.run()
-    assert not app.exception, app.exception
-    return app
 
 
 def upload(at: AppTest, files: list[tuple[str, bytes]]) -> AppTest:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,25 +15,9 @@ from streamlit.testing.v1 import AppTest
 import model
 from model.classifier import Classifier, Prediction
 from model.gate import InputCheck
-from tests.conftest import dicom_bytes, make_artifact_with_report
+from tests.conftest import dicom_bytes
 
-APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
-TIMEOUT = 180
 REASON = "it is almost uniformly bright (no anatomy)."
-
-
-@pytest.fixture(scope="module")
-def app_model(tmp_path_factory, data_dir) -> Path:
-    return make_artifact_with_report(tmp_path_factory.mktemp("app_model"), data_dir)
-
-
-@pytest.fixture
-def at(app_model, monkeypatch) -> AppTest:
-    monkeypatch.setenv("CXR_MODEL_DIR", str(app_model))
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    app.run()
-    assert not app.exception, app.exception
-    return app
 
 
 @pytest.fixture

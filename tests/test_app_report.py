@@ -6,21 +6,16 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from model.artifact import META_FILE
-from tests.conftest import make_artifact_with_report
+from tests.conftest import APP, APP_TIMEOUT as TIMEOUT
 from ui import model_card as card
 
-APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
-TIMEOUT = 180
 REPORT = "pages/report.py"
 
 
-@pytest.fixture(scope="module")
-def app_model(tmp_path_factory, data_dir) -> Path:
-    return make_artifact_with_report(tmp_path_factory.mktemp("report_model"), data_dir)
+
 
 
 def variant(src: Path, dest: Path, **fields) -> Path:

@@ -6,41 +6,19 @@ Screenshots are written to test-artifacts/ (ignored by git).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from benchmarks.harness import (
-    CHROMIUM, ROOT, StreamlitServer, chromium, read_decision, set_slider_extreme, slider, upload_files, wait_app_ready,
+    ROOT, read_decision, set_slider_extreme, slider, upload_files, wait_app_ready,
     wait_idle,
 )
-from tests.conftest import IN_CI, make_artifact_with_report
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "test-artifacts"
 THRESHOLD = "P(pneumonia) at or above"
 SLOW = 180_000  # generous waits: on a shared 2-core machine a rerun can take a minute (functional asserts only)
 BAND = "Uncertain band"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if IN_CI:
-            pytest.fail(f"{CHROMIUM} missing in CI: .ci/run should have installed it")
-        pytest.skip("chromium not installed (apt-get install -y chromium)")
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, data_dir):
-    """The shipped model when present (what users get), else a random-weight model with a real report."""
-    model_dir = ROOT / "assets" / "model"
-    if not (model_dir / "model.json").is_file():
-        model_dir = make_artifact_with_report(tmp_path_factory.mktemp("e2e_model"), data_dir)
-    with StreamlitServer(model_dir) as s:
-        yield s
 
 
 @pytest.fixture

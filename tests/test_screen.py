@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import model
 from model import screen
 from model.decision import DEFAULT_BAND, decide
 from tests.conftest import ROOT, dicom_bytes, gradient_image

@@ -17,20 +17,12 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
+from model.results import fit_within
+
 RED = "#d62728"
 DISPLAY_SIDE = 1024  # longest side of the image sent to the browser
 HEAT_SIDE = 48  # heatmap grid sent to the browser (today's CAMs are 6 x 6 / 12 x 12 cells upsampled)
 JET = [[0.0, "#00007f"], [0.125, "#0000ff"], [0.375, "#00ffff"], [0.625, "#ffff00"], [0.875, "#ff0000"], [1.0, "#7f0000"]]
-
-
-def fit_within(arr: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale (keeping aspect) so the longer side is at most ``max_side``."""
-    h, w = arr.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return arr
-    im = Image.fromarray(arr)
-    return np.asarray(im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
 
 
 def jpeg_data_uri(gray_or_rgb: np.ndarray, max_side: int = DISPLAY_SIDE, quality: int = 88) -> str:
