@@ -7,7 +7,7 @@ Model report page; the detail area is a fragment, so its widgets rerun only that
 
 import streamlit as st
 
-from ui.state import band, page_setup, threshold
+from ui.state import band, finish_sidebar, page_setup, stop, threshold
 
 DECISION_STYLE = {"PNEUMONIA": ":red-background[**PNEUMONIA**]", "NORMAL": ":green-background[**NORMAL**]",
                   "UNCERTAIN": ":orange-background[**UNCERTAIN**]", "NOT_ASSESSED": ":gray-background[**NOT ASSESSED**]"}
@@ -81,7 +81,7 @@ ss._uploader_ids = {f.file_id for f in uploads}
 
 if not cache:
     st.info("Upload an X-ray to see the model's probability, its decision and where it looked.", icon=":material/upload_file:")
-    st.stop()
+    stop()
 
 keys = list(cache)
 results = [cache[k] for k in keys]
@@ -103,7 +103,7 @@ if bad:
                      height=min(400, 38 + 35 * len(bad)))
 good_keys = [k for k in keys if cache[k].ok]
 if not good_keys:
-    st.stop()
+    stop()
 
 # ---- batch table (click a row to open it) --------------------------------------------------------
 records = {k: record(cache[k], clf, t, b) for k in keys}
@@ -201,3 +201,4 @@ def detail(key: str) -> None:
 
 
 detail(open_key)
+finish_sidebar()  # last: its first call imports scikit-learn, which must not delay the page

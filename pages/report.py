@@ -5,7 +5,7 @@ The title is drawn before the heavy imports so the page appears at once on a col
 
 import streamlit as st
 
-from ui.state import band, page_setup, threshold
+from ui.state import band, finish_sidebar, page_setup, stop, threshold
 
 st.title("Model report")
 loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
@@ -29,7 +29,7 @@ if uploaded_report is not None:
         st.error(f"That file is not a usable report: {escape_markdown(err)}", icon=":material/error:")
 if report is None:
     st.warning("The model directory has no `report.json`; evaluate it with `python -m training.evaluate` and load the result above.")
-    st.stop()
+    stop()
 
 t, b = threshold(), band()
 m = report.at(t)
@@ -122,3 +122,4 @@ st.markdown("\n".join([
     "- **Operating points** (chosen on the model's validation split): "
     + ", ".join(f"{card.md_escape(k)} {v:.3f}" for k, v in card.operating_points(meta).items()) + ".",
 ]))
+finish_sidebar()  # last: its first call imports scikit-learn, which must not delay the page

@@ -16,10 +16,6 @@ from model.artifact import REPORT_FILE, WEIGHTS_FILE
 from tests.conftest import APP, APP_TIMEOUT as TIMEOUT, dicom_bytes
 
 
-
-
-
-
 def upload(at: AppTest, files: list[tuple[str, bytes]]) -> AppTest:
     at.file_uploader(key="uploads").set_value([(n, d, "application/octet-stream") for n, d in files]).run()
     assert not at.exception, at.exception
@@ -30,6 +26,17 @@ def decision(at: AppTest) -> str:
     texts = [m.value for m in at.markdown if m.value.startswith("### Decision")]
     assert len(texts) == 1, texts
     return next(d for d in ("PNEUMONIA", "NORMAL", "UNCERTAIN") if d in texts[0])
+
+
+def test_sidebar_expected_metrics_are_drawn_after_the_page(at, real_images):
+    """Filled at the end of each run (scikit-learn is imported there, not before the first decision),
+    on the landing page (which ends with st.stop) and after an upload alike; they follow the threshold."""
+    sens = lambda: next(m.value for m in at.sidebar.metric if m.label == "Sensitivity")  # noqa: E731
+    assert [m.label for m in at.sidebar.metric] == ["Sensitivity", "Specificity"]
+    at.sidebar.slider(key="_threshold_widget").set_value(0.0).run()
+    assert sens() == "100.0%"
+    upload(at, [("a.jpeg", real_images["NORMAL"][0].read_bytes())])
+    assert [m.label for m in at.sidebar.metric] == ["Sensitivity", "Specificity"] and sens() == "100.0%"
 
 
 def test_app_starts_on_diagnose_with_disclaimer(at):

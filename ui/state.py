@@ -11,6 +11,7 @@ value tuned on one page is the value the other page uses.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -148,6 +149,35 @@ def band() -> float:
     return float(st.session_state.get("band", DEFAULT_BAND))
 
 
+_pending = threading.local()  # per script thread: the sidebar slot finish_sidebar() fills
+
+
+def finish_sidebar() -> None:
+    """The sidebar's expected sensitivity/specificity, drawn after the page itself.
+
+    The first computation imports scikit-learn (~3-4 s of CPU here); drawn in place, it delayed a
+    cold start's first decision by that much. Each page calls this last (or ui.state.stop())."""
+    pending, _pending.expected = getattr(_pending, "expected", None), None
+    if pending is None:
+        return
+    slot, report = pending
+    from model.report import escape_markdown
+
+    m = report.at(threshold())
+    with slot:
+        c1, c2 = st.columns(2)
+        c1.metric("Sensitivity", f"{m['sensitivity']:.1%}")
+        c2.metric("Specificity", f"{m['specificity']:.1%}")
+        st.caption(f"Expected at this threshold: measured on the model's {escape_markdown(report.split)} split "
+                   f"({report.n} images). New data may differ.")
+
+
+def stop() -> None:
+    """``st.stop()`` for pages: completes the sidebar first (nothing can be drawn after st.stop)."""
+    finish_sidebar()
+    st.stop()
+
+
 def sidebar(loaded: Loaded | None) -> None:
     with st.sidebar:
         if loaded is not None:
@@ -164,15 +194,8 @@ def sidebar(loaded: Loaded | None) -> None:
             for key, value in points.items():
                 st.button(f"{PRESET_LABELS[key]}: {value:.3f}", key=f"preset_{key}", on_click=_set_threshold,
                           args=(value,), help=PRESET_HELP[key], width="stretch")
-            if loaded.report is not None:
-                m = loaded.report.at(threshold())
-                c1, c2 = st.columns(2)
-                c1.metric("Sensitivity", f"{m['sensitivity']:.1%}")
-                c2.metric("Specificity", f"{m['specificity']:.1%}")
-                from model.report import escape_markdown
-
-                st.caption(f"Expected at this threshold: measured on the model's {escape_markdown(loaded.report.split)} split "
-                           f"({loaded.report.n} images). New data may differ.")
+            if loaded.report is not None:  # filled by finish_sidebar() once the page has drawn
+                _pending.expected = (st.container(), loaded.report)
             st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.005, key="_band_widget",
                       on_change=_sync_widgets, format="%.3f",
                       help="Probabilities this close to the threshold are reported as UNCERTAIN.")
