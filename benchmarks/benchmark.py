@@ -106,7 +106,26 @@ def bench_model(model_dir: Path, n: int) -> dict:
     ours_p, naive_p = interleaved(lambda: clf.predict_proba(pick()), naive_predict, n)
     ours_c, naive_c = interleaved(lambda: clf.analyze(pick(), method="gradcam"), naive_cam, max(5, n // 2))
     out["naive"] = {"predict_ms": naive_p, "predict_gradcam_ms": naive_c, "ours_predict_ms": ours_p, "ours_gradcam_ms": ours_c}
+    out["fold"] = bench_fold(model_dir, blobs, x, n)
     return out
+
+
+def bench_fold(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict:
+    """BatchNorm folded into the convolutions (what load_model serves) vs not, interleaved."""
+    from model.artifact import load_artifact
+    from model.classifier import Classifier
+    from model.gate import Gate
+
+    net, meta = load_artifact(model_dir)
+    gate = Gate.load(model_dir, meta.gate) if meta.gate else None
+    folded, plain = (Classifier(net, meta, model_dir, gate=gate, fold_bn=f) for f in (True, False))
+    i = iter(range(10**9))
+    pick = lambda: blobs[next(i) % len(blobs)]  # noqa: E731
+    f1, p1 = interleaved(lambda: folded.predict_proba(pick()), lambda: plain.predict_proba(pick()), n)
+    batch = x.repeat((32 + len(x) - 1) // len(x), 1, 1, 1)[:32]
+    f32, p32 = interleaved(lambda: folded.predict_tensor(batch), lambda: plain.predict_tensor(batch), max(3, n // 4))
+    diff = float(np.abs(folded.predict_tensor(batch) - plain.predict_tensor(batch)).max())
+    return {"predict_ms": {"folded": f1, "plain": p1}, "batch32_ms": {"folded": f32, "plain": p32}, "max_abs_dp": diff}
 
 
 def naive_functions(model_dir: Path, meta, blobs):
@@ -292,6 +311,15 @@ def render(results: dict) -> str:
         ("naive eager reference vs ours, interleaved: predict + Grad-CAM (p50)",
          f"{nv['predict_gradcam_ms']['p50']:.1f} vs {nv['ours_gradcam_ms']['p50']:.1f} ms",
          f"ratio naive/ours {nv['predict_gradcam_ms']['p50'] / nv['ours_gradcam_ms']['p50']:.2f}"),
+    ]
+    fo = m.get("fold")
+    rows += [] if not fo else [
+        ("BatchNorm folded vs not, interleaved: predict (p50)",
+         f"{fo['predict_ms']['folded']['p50']:.1f} vs {fo['predict_ms']['plain']['p50']:.1f} ms",
+         f"ratio plain/folded {fo['predict_ms']['plain']['p50'] / fo['predict_ms']['folded']['p50']:.2f}"),
+        ("BatchNorm folded vs not, interleaved: batch 32 (p50)",
+         f"{32000 / fo['batch32_ms']['folded']['p50']:.0f} vs {32000 / fo['batch32_ms']['plain']['p50']:.0f} img/s",
+         f"ratio {fo['batch32_ms']['plain']['p50'] / fo['batch32_ms']['folded']['p50']:.2f}; max |dp| {fo['max_abs_dp']:.1e}"),
     ]
     if "server" in results and results["server"]:
         rows.append(("server-side upload -> rendered result (AppTest, p50)", f"{results['server']['p50_s']:.2f} s", "<= 1 s"))

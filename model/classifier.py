@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fuse import fold_batchnorm
 from .gate import UNCHECKED, Gate, InputCheck, gate_layers, pooled, rule_reason
 from .artifact import HISTORY_FILE, REPORT_FILE, ModelMeta, load_artifact, read_json, torch_device
 from .preprocessing import ImageSource, as_gray, decode, resize_square
@@ -97,13 +98,17 @@ def _fast_bf16(device: torch.device) -> bool:
 
 class Classifier:
     def __init__(self, net: torch.nn.Module, meta: ModelMeta, directory: Path | None = None, device: str | None = None,
-                 gate: Gate | None = None, bf16: bool | None = None):
+                 gate: Gate | None = None, bf16: bool | None = None, fold_bn: bool = True):
         self.meta = meta
         self.directory = directory
         self.device = torch_device(device)
         self.gate = gate
         self.bf16 = _fast_bf16(self.device) if bf16 is None else bf16
-        self._net = net.to(self.device).eval().to(memory_format=torch.channels_last)
+        net = net.to(self.device).eval()
+        if fold_bn:  # same outputs (checked on a probe), ~1.1-1.2x faster on CPU: see model/fuse.py
+            probe = torch.randn(2, meta.in_chans, meta.input_size, meta.input_size, generator=torch.Generator().manual_seed(0))
+            net, _ = fold_batchnorm(net, probe.to(self.device))
+        self._net = net.to(memory_format=torch.channels_last)
         for p in self._net.parameters():
             p.requires_grad_(False)
         self._cam_net: torch.nn.Module | None = None
