@@ -1,6 +1,6 @@
 """How faithful is each heatmap method/layer to this model? ROAD on validation films.
 
-    uv run python -m benchmarks.faithfulness [--model assets/model] [--n 60] [--out docs/faithfulness.json]
+    uv run python -m benchmarks.faithfulness [--model assets/model] [--n 60] [--out docs/faithfulness.json] [--record]
 
 ROAD (Rong et al. 2022, "A Consistent and Efficient Evaluation Strategy for Attribution Methods",
 pytorch-grad-cam's ``metrics.road``) replaces a fraction of the pixels by noisy linear imputation from
@@ -210,6 +210,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--library-imputer", action="store_true", help="pytorch-grad-cam's own (slower) imputer")
     ap.add_argument("--out", default=str(ROOT / "docs" / "faithfulness.json"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "faithfulness.md"), help="'' to skip")
+    ap.add_argument("--record", action="store_true",
+                    help="also store the table with the model (<model>/faithfulness.json), for its report page")
     args = ap.parse_args(argv)
 
     clf = model.load_model(args.model)
@@ -230,6 +232,8 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.record:
+        (Path(args.model) / "faithfulness.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.md:
         write_markdown(result, Path(args.md))
     print(to_markdown(result))

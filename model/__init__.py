@@ -15,7 +15,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "artifact": ["ModelArtifactError", "ModelMeta", "load_artifact", "read_meta", "save_artifact"],
-    "classifier": ["CAM_LABELS", "CAM_METHODS", "Analysis", "Classifier", "Prediction", "default_model_dir",
+    "classifier": ["CAM_LABELS", "CAM_METHODS", "DEFAULT_CAM_METHOD", "Analysis", "Classifier", "Prediction", "default_model_dir",
                    "load_model", "overlay"],
     "decision": ["DEFAULT_BAND", "NOT_ASSESSED", "decide"],
     "gate": ["InputCheck"],

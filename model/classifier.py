@@ -29,6 +29,7 @@ from .registry import cam_target_layer, get_spec
 # architectures whose CAM layer feeds global average pooling and one linear layer directly, where
 # Grad-CAM at that layer needs no backward pass (see Classifier._class_activation_map)
 FAST_CAM_ARCHITECTURES = {"resnet18", "resnet50"}
+FAST_CAM_METHODS = ("gradcam", "gradcam++")  # at the last block: from the forward pass, no backward
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 MODEL_DIR_ENV = "CXR_MODEL_DIR"
@@ -40,6 +41,8 @@ CAM_METHODS = {
     "layercam": "LayerCAM",
 }
 CAM_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "eigencam": "EigenCAM", "layercam": "LayerCAM"}
+# The most faithful method for the shipped model by ROAD (docs/faithfulness.md), and free: no backward pass
+DEFAULT_CAM_METHOD = "gradcam++"
 
 
 @dataclass
@@ -255,13 +258,25 @@ class Classifier:
             raise ValueError(f"Unknown target {target!r}; classes are {self.meta.class_names}.")
         return names.index(target.lower())
 
-    def _class_activation_map(self, fmap: torch.Tensor, idx: int) -> np.ndarray:
-        """Grad-CAM at the last block of a GAP + linear head, without a backward pass: the gradient of
-        a class logit w.r.t. the final feature map is that class's fc weights / (h w) at every cell, so
-        Grad-CAM's channel weights are the fc weights (Zhou et al. 2016's CAM), normalised as
+    def _class_activation_map(self, fmap: torch.Tensor, idx: int, method: str = "gradcam") -> np.ndarray:
+        """Grad-CAM / Grad-CAM++ at the last block of a GAP + linear head, without a backward pass.
+
+        The gradient of a class logit w.r.t. the final feature map is that class's fc weights / (h w)
+        at every cell. Grad-CAM's channel weights are then the fc weights (Zhou et al. 2016's CAM);
+        Grad-CAM++'s (Chattopadhay et al. 2018, eq. 19, with pytorch-grad-cam's eps) follow in closed
+        form from the same constant gradient and each channel's activation sum. Normalised as
         pytorch-grad-cam does (ReLU, min-max, bilinear to the input size). Equality is tested."""
+        fmap = fmap.float()
+        h, w_ = fmap.shape[-2:]
         w = self._head.weight[idx].float()
-        cam = torch.relu(torch.einsum("c,nchw->nhw", w, fmap.float()))[:, None]
+        if method == "gradcam++":
+            g = (w / (h * w_))[None]  # n=1 x c: the gradient, the same at every cell
+            g2 = g * g
+            a = g2 / (2 * g2 + fmap.sum(dim=(2, 3)) * g2 * g + 1e-6)
+            weights = torch.where(g != 0, a, torch.zeros_like(a)) * torch.relu(g) * (h * w_)
+        else:
+            weights = w[None].expand(fmap.shape[0], -1)
+        cam = torch.relu(torch.einsum("nc,nchw->nhw", weights, fmap))[:, None]
         size = self.meta.input_size
         cam = cam - cam.amin(dim=(2, 3), keepdim=True)
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
@@ -270,10 +285,10 @@ class Classifier:
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
         return cam[0, 0].cpu().numpy()
 
-    def analyze(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia",
+    def analyze(self, image: ImageSource, method: str = DEFAULT_CAM_METHOD, target: str | int = "pneumonia",
                 layer: str | None = None) -> Analysis:
-        """Decode once, then probability, input check and heatmap. The default (Grad-CAM at the last
-        block) comes from the same forward pass; other methods and layers use pytorch-grad-cam."""
+        """Decode once, then probability, input check and heatmap. Grad-CAM and Grad-CAM++ at the last
+        block come from the same forward pass; other methods and layers use pytorch-grad-cam."""
         gray, colour, dicom = _decoded(image)
         idx = self._target_index(target)
         square = resize_square(gray, self.meta.input_size)
@@ -284,8 +299,8 @@ class Classifier:
         logits, taps = self.forward(x)
         prob = float(self._probs(logits)[0])
         check = self._checks(taps, [square], [(gray, colour, dicom)])[0]
-        if method == "gradcam" and layer in (None, spec.cam_layer) and self._fast_cam:
-            heat = self._class_activation_map(taps[spec.cam_layer], idx)
+        if method in FAST_CAM_METHODS and layer in (None, spec.cam_layer) and self._fast_cam:
+            heat = self._class_activation_map(taps[spec.cam_layer], idx, method)
         else:
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -300,7 +315,7 @@ class Classifier:
             heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
         return Analysis(probability=prob, heatmap=np.clip(heat, 0.0, 1.0), image=gray, check=check)
 
-    def explain(self, image: ImageSource, method: str = "gradcam", target: str | int = "pneumonia",
+    def explain(self, image: ImageSource, method: str = DEFAULT_CAM_METHOD, target: str | int = "pneumonia",
                 layer: str | None = None) -> np.ndarray:
         """Heatmap (H x W, [0, 1], at the input image's size) of where the model looked."""
         return self.analyze(image, method, target, layer).heatmap

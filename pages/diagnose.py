@@ -57,7 +57,7 @@ uploads = st.file_uploader("Chest X-rays", accept_multiple_files=True, key="uplo
 loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
 clf = loaded.clf
 
-from model import CAM_LABELS  # noqa: E402  (already imported by page_setup; cheap here)
+from model import CAM_LABELS, DEFAULT_CAM_METHOD  # noqa: E402  (already imported by page_setup; cheap here)
 from model.decision import decide  # noqa: E402
 from model.results import (  # noqa: E402
     DICOM_TAGS, json_record, record, records_csv, records_json, result_decision, score_uploads,
@@ -175,8 +175,11 @@ def detail(key: str) -> None:
             st.image(r.display, caption="The image as decoded (no model output shown).", width="stretch")
             return
         c1, c2 = st.columns(2)
-        method = c1.selectbox("Explanation method", list(CAM_LABELS), format_func=CAM_LABELS.get, key="cam_method",
-                              help="Grad-CAM is computed with the prediction; the others load an extra library on first use (a few seconds).")
+        method = c1.selectbox("Explanation method", list(CAM_LABELS), index=list(CAM_LABELS).index(DEFAULT_CAM_METHOD),
+                              format_func=CAM_LABELS.get, key="cam_method",
+                              help=f"{CAM_LABELS[DEFAULT_CAM_METHOD]} (the default: the most faithful for this model, see the "
+                                   "Model report) and Grad-CAM come with the prediction; EigenCAM and LayerCAM need a "
+                                   "backward pass and an extra library (a few seconds on first use).")
         opacity = c2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
         cams = ss.setdefault("_cams", {})
         cam_key = (r.sha256, method)

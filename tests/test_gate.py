@@ -133,18 +133,21 @@ def test_gate_travels_with_the_artifact_and_is_verified(tmp_path, data_dir):
 # ---- the fused forward pass ----------------------------------------------------------------------
 
 
-def test_fast_cam_equals_pytorch_grad_cam(shipped, films):
-    """Grad-CAM at the last block from the forward pass == pytorch-grad-cam's GradCAM (with backward)."""
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_fast_cam_equals_pytorch_grad_cam(shipped, films, method):
+    """Grad-CAM and Grad-CAM++ at the last block from the forward pass == pytorch-grad-cam's (with backward)."""
     for f in films[::4]:
-        fast = shipped.analyze(f).heatmap
-        slow = shipped.analyze(f, method="gradcam", layer="layer3").heatmap  # a different layer differs...
-        ref = _reference_gradcam(shipped, f)
+        fast = shipped.analyze(f, method=method).heatmap
+        slow = shipped.analyze(f, method=method, layer="layer3").heatmap  # a different layer differs...
+        ref = _reference_gradcam(shipped, f, method)
         np.testing.assert_allclose(fast, ref, atol=1e-4)
         assert np.abs(fast - slow).max() > 1e-3  # ...so the layer argument really selects the layer
+    pp, plain = shipped.analyze(films[0], method="gradcam++").heatmap, shipped.analyze(films[0], method="gradcam").heatmap
+    assert np.abs(pp - plain).max() > 1e-3  # and the two methods are not the same map
 
 
-def _reference_gradcam(clf, gray):
-    from pytorch_grad_cam import GradCAM
+def _reference_gradcam(clf, gray, method: str = "gradcam"):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     import copy
@@ -153,7 +156,7 @@ def _reference_gradcam(clf, gray):
     for p in net.parameters():
         p.requires_grad_(True)
     x = clf.to_tensor(gray).unsqueeze(0)
-    with GradCAM(model=net, target_layers=[net.layer4]) as cam:
+    with {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method](model=net, target_layers=[net.layer4]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
     h, w = gray.shape
     return np.clip(np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)), 0, 1)

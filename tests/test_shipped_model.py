@@ -57,3 +57,16 @@ def test_validation_quality_as_recorded(report):
     m = report["metrics"]["default"]
     assert report["auc"]["value"] >= 0.99
     assert m["sensitivity"] >= 0.95 and m["specificity"] >= 0.90
+
+
+def test_default_heatmap_is_the_most_faithful_measured_for_this_model(shipped):
+    """The default CAM follows the ROAD table stored with the shipped model (benchmarks/faithfulness.py
+    --record): a retrained model without a fresh table, or a table naming another method, fails here."""
+    from model.registry import get_spec
+
+    table = json.loads((SHIPPED / "faithfulness.json").read_text())
+    assert table["model"] == shipped.name
+    best = max(table["rows"], key=lambda r: r["road_combined_mean"])
+    assert table["best"] == {"method": best["method"], "layer": best["layer"]}
+    assert best == {**best, "method": model.DEFAULT_CAM_METHOD, "layer": get_spec(shipped.meta.architecture).cam_layer}
+    assert len(table["rows"]) >= 6 and table["films"]["n"] >= 60

@@ -186,6 +186,7 @@ def gallery_section(clf, report, threshold: float, band: float) -> None:
 
 
 def _detail(clf, film: Film, path: Path, threshold: float, band: float) -> None:
+    from model import CAM_LABELS, DEFAULT_CAM_METHOD
     from model.decision import decide
 
     with st.container(border=True):
@@ -201,4 +202,4 @@ def _detail(clf, film: Film, path: Path, threshold: float, band: float) -> None:
         c1, c2 = st.columns(2)
         side = 2 * max(image.shape[:2]) if max(image.shape[:2]) < 320 else "stretch"  # small films: 2x, not blown up
         c1.image(image, caption="Film", width=side)
-        c2.image(overlaid, caption="Where the model looked (Grad-CAM for PNEUMONIA; red = more)", width=side)
+        c2.image(overlaid, caption=f"Where the model looked ({CAM_LABELS[DEFAULT_CAM_METHOD]} for PNEUMONIA; red = more)", width=side)
