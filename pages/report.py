@@ -28,7 +28,11 @@ if uploaded_report is not None:
     except ReportError as err:
         st.error(f"That file is not a usable report: {escape_markdown(err)}", icon=":material/error:")
 if report is None:
-    st.warning("The model directory has no `report.json`; evaluate it with `python -m training.evaluate` and load the result above.")
+    if loaded.report_error:
+        st.error(escape_markdown(loaded.report_error) + " Evaluate the model again with `python -m training.evaluate`, "
+                 "or load a report above.", icon=":material/error:")
+    else:
+        st.warning("The model directory has no `report.json`; evaluate it with `python -m training.evaluate` and load the result above.")
     stop()
 
 t, b = threshold(), band()

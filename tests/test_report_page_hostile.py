@@ -61,11 +61,22 @@ def test_malformed_upload_shows_a_message(monkeypatch, app_model, name):
 
 
 @pytest.mark.parametrize("raw", [MALFORMED["nested 100,000 deep (object)"][0], MALFORMED["score Infinity"][0]])
-def test_bad_report_json_in_the_model_directory(monkeypatch, tmp_path, app_model, raw):
+def test_bad_report_json_in_the_model_directory(monkeypatch, tmp_path, app_model, data_dir, raw):
     bad = tmp_path / "bad"
     shutil.copytree(app_model, bad)
     (bad / REPORT_FILE).write_bytes(raw)
     monkeypatch.setenv("CXR_MODEL_DIR", str(bad))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
-    assert any("could not be loaded" in e.value for e in at.error), [e.value for e in at.error]
+    # the model still serves: Diagnose scores an upload, the sidebar says what is missing and why
+    assert any("report.json in the model directory is not usable" in w.value for w in at.sidebar.warning)
+    film = sorted((data_dir / "val" / "NORMAL").iterdir())[0]
+    at.file_uploader(key="uploads").set_value([("a.jpeg", film.read_bytes(), "image/jpeg")]).run()
+    assert not at.exception, at.exception
+    assert any(m.value.startswith("### Decision") for m in at.markdown)
+    # the report page names the problem and still takes another report
+    at.switch_page("pages/report.py").run()
+    assert any("is not usable" in e.value for e in at.error), [e.value for e in at.error]
+    at.file_uploader(key="other_report").set_value(("r.json", (app_model / REPORT_FILE).read_bytes(), "application/json")).run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) >= 5

@@ -40,6 +40,7 @@ class Loaded:
     clf: model.Classifier
     report: EvaluationReport | None
     history: list | None
+    report_error: str | None = None  # a report.json that could not be used: the model still serves
 
 
 THREADS_ENV = "CXR_TORCH_THREADS"
@@ -63,16 +64,27 @@ def _load(model_dir: str) -> Loaded:
     import model
     from model.report import EvaluationReport
 
+    from model.artifact import REPORT_FILE, ModelArtifactError
+    from model.report import ReportError
+
     _serving_threads()
     clf = model.load_model(model_dir)
-    data = clf.report()
-    history = clf.history()
+    report, report_error = None, None
+    try:  # a broken report costs the report page, not the model
+        data = clf.report()
+        report = EvaluationReport(data) if data else None
+    except (ModelArtifactError, ReportError, ValueError, RecursionError) as err:
+        report_error = f"{REPORT_FILE} in the model directory is not usable: {err}"
+    try:
+        history = clf.history()
+    except (ModelArtifactError, ValueError, RecursionError):
+        history = None
     # warm-up: one prediction and one Grad-CAM, so the first user upload does not pay for lazy
     # imports (pytorch-grad-cam, OpenCV) and first-call allocations
     probe = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))
     clf.predict_proba(probe)
     clf.explain(probe)
-    return Loaded(clf, EvaluationReport(data) if data else None, history if isinstance(history, list) else None)
+    return Loaded(clf, report, history if isinstance(history, list) else None, report_error)
 
 
 def get_loaded() -> tuple[Loaded | None, str | None]:
@@ -196,6 +208,11 @@ def sidebar(loaded: Loaded | None) -> None:
                           args=(value,), help=PRESET_HELP[key], width="stretch")
             if loaded.report is not None:  # filled by finish_sidebar() once the page has drawn
                 _pending.expected = (st.container(), loaded.report)
+            if loaded.report_error:
+                from model.report import escape_markdown
+
+                st.warning("No expected sensitivity/specificity: " + escape_markdown(loaded.report_error)
+                           + " The model itself works.", icon=":material/warning:")
             st.slider("Uncertain band (+/- around the threshold)", 0.0, 0.3, step=0.005, key="_band_widget",
                       on_change=_sync_widgets, format="%.3f",
                       help="Probabilities this close to the threshold are reported as UNCERTAIN.")
