@@ -291,6 +291,11 @@ def bench_browser(model_dir: Path, variants: list[tuple[str, Path, dict]], sessi
     return out
 
 
+def _versus(label: str, slow_ms: float, fast_ms: float, ratio_name: str) -> tuple[str, str, str]:
+    """A row comparing two interleaved timings: 'slow vs fast ms' and their ratio."""
+    return label, f"{slow_ms:.1f} vs {fast_ms:.1f} ms", f"ratio {ratio_name} {slow_ms / fast_ms:.2f}"
+
+
 def render(results: dict) -> str:
     m, b = results.get("model", {}), results.get("browser", {})
     rows = [] if not m else [
@@ -303,24 +308,17 @@ def render(results: dict) -> str:
                      "<= 150 ms" if meth == "gradcam" else ""))
     for bs, v in m.get("batch_img_s", {}).items():
         rows.append((f"batch throughput, batch {bs}", f"{v:.0f} img/s", ">= 60 img/s" if int(bs) == 32 else ""))
-    nv = m.get("naive")
-    rows += [] if not nv else [
-        ("naive eager reference vs ours, interleaved: predict (p50)",
-         f"{nv['predict_ms']['p50']:.1f} vs {nv['ours_predict_ms']['p50']:.1f} ms",
-         f"ratio naive/ours {nv['predict_ms']['p50'] / nv['ours_predict_ms']['p50']:.2f}"),
-        ("naive eager reference vs ours, interleaved: predict + Grad-CAM (p50)",
-         f"{nv['predict_gradcam_ms']['p50']:.1f} vs {nv['ours_gradcam_ms']['p50']:.1f} ms",
-         f"ratio naive/ours {nv['predict_gradcam_ms']['p50'] / nv['ours_gradcam_ms']['p50']:.2f}"),
-    ]
-    fo = m.get("fold")
-    rows += [] if not fo else [
-        ("BatchNorm folded vs not, interleaved: predict (p50)",
-         f"{fo['predict_ms']['folded']['p50']:.1f} vs {fo['predict_ms']['plain']['p50']:.1f} ms",
-         f"ratio plain/folded {fo['predict_ms']['plain']['p50'] / fo['predict_ms']['folded']['p50']:.2f}"),
-        ("BatchNorm folded vs not, interleaved: batch 32 (p50)",
-         f"{32000 / fo['batch32_ms']['folded']['p50']:.0f} vs {32000 / fo['batch32_ms']['plain']['p50']:.0f} img/s",
-         f"ratio {fo['batch32_ms']['plain']['p50'] / fo['batch32_ms']['folded']['p50']:.2f}; max |dp| {fo['max_abs_dp']:.1e}"),
-    ]
+    nv, fo = m.get("naive"), m.get("fold")
+    if nv:
+        rows += [_versus(f"naive eager reference vs ours, interleaved: {what} (p50)", nv[a]["p50"], nv[b]["p50"], "naive/ours")
+                 for what, a, b in (("predict", "predict_ms", "ours_predict_ms"),
+                                    ("predict + Grad-CAM", "predict_gradcam_ms", "ours_gradcam_ms"))]
+    if fo:
+        rows.append(_versus("BatchNorm not folded vs folded (served), interleaved: predict (p50)", fo["predict_ms"]["plain"]["p50"],
+                            fo["predict_ms"]["folded"]["p50"], "plain/folded"))
+        plain, folded = fo["batch32_ms"]["plain"]["p50"], fo["batch32_ms"]["folded"]["p50"]
+        rows.append(("BatchNorm folded (served) vs not, interleaved: batch 32 (p50)", f"{32000 / folded:.0f} vs {32000 / plain:.0f} img/s",
+                     f"ratio {plain / folded:.2f}; max |dp| {fo['max_abs_dp']:.1e}"))
     if "server" in results and results["server"]:
         rows.append(("server-side upload -> rendered result (AppTest, p50)", f"{results['server']['p50_s']:.2f} s", "<= 1 s"))
     for label, r in b.items():

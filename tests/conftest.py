@@ -148,6 +148,23 @@ def browser():
         yield b
 
 
+ARTIFACTS = ROOT / "test-artifacts"  # browser screenshots (ignored by git)
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh browser context on the running app, once the app is ready."""
+    from benchmarks.harness import wait_app_ready
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+    p = ctx.new_page()
+    p.goto(server.url)
+    wait_app_ready(p, timeout_ms=300_000)  # generous: shared CI/dev machines start torch slowly
+    yield p
+    ctx.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_dir):
     """The shipped model when present (what users get; its report's files live under the data folder),

@@ -10,26 +10,15 @@ import re
 import pytest
 
 from benchmarks.harness import (
-    ROOT, read_decision, set_slider_extreme, slider, upload_files, wait_app_ready,
+    read_decision, set_slider_extreme, slider, upload_files, wait_app_ready,
     wait_idle,
 )
+from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.browser
-ARTIFACTS = ROOT / "test-artifacts"
 THRESHOLD = "P(pneumonia) at or above"
 SLOW = 180_000  # generous waits: on a shared 2-core machine a rerun can take a minute (functional asserts only)
 BAND = "Uncertain band"
-
-
-@pytest.fixture
-def page(browser, server):
-    ARTIFACTS.mkdir(exist_ok=True)
-    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
-    p = ctx.new_page()
-    p.goto(server.url)
-    wait_app_ready(p)
-    yield p
-    ctx.close()
 
 
 VIEWER = "() => [...document.querySelectorAll('.js-plotly-plot')].find((p) => (p._fullData || []).some((t) => t.type === 'heatmap'))"

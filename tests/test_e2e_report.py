@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from benchmarks.harness import ROOT, wait_app_ready, wait_idle
+from benchmarks.harness import wait_idle
+from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.browser
-ARTIFACTS = ROOT / "test-artifacts"
 
 
 def _wait_count(page, locator, ok, timeout_s: float = 60.0) -> None:
@@ -20,17 +20,6 @@ def _wait_count(page, locator, ok, timeout_s: float = 60.0) -> None:
         if ok(locator.count()):
             return
         page.wait_for_timeout(250)
-
-
-@pytest.fixture
-def page(browser, server):
-    ARTIFACTS.mkdir(exist_ok=True)
-    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
-    p = ctx.new_page()
-    p.goto(server.url)
-    wait_app_ready(p, timeout_ms=300_000)  # generous: shared CI/dev machines start torch slowly
-    yield p
-    ctx.close()
 
 
 def test_gallery_thumbnail_opens_film_with_heatmap(page):
