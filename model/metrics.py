@@ -42,11 +42,14 @@ def threshold_metrics(y_true, scores, threshold: float) -> dict:
 
 
 def auc_with_ci(y_true, scores, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
-    """ROC AUC with a percentile bootstrap CI (resampling images, stratified by class)."""
+    """ROC AUC with a percentile bootstrap CI (resampling images, stratified by class); ``n_boot=0``
+    skips the bootstrap and gives ``ci95: None`` (a report without an interval, not NaN bounds)."""
     from sklearn.metrics import roc_auc_score
 
     y, s = _arrays(y_true, scores)
     auc = float(roc_auc_score(y, s))
+    if n_boot < 1:
+        return {"value": auc, "ci95": None, "n_boot": 0}
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     boots = np.empty(n_boot)

@@ -188,3 +188,18 @@ def test_good_report_copy_is_not_mutated_by_validation():
     before = copy.deepcopy(d)
     EvaluationReport(d)
     assert d == before
+
+
+def test_report_without_bootstrap_is_valid_and_shown_without_an_interval():
+    """`training.evaluate --n-boot 0` writes ci95 null (it used to write NaN bounds that its own validator refused)."""
+    from model.metrics import auc_with_ci
+    from training.evaluate import format_report
+
+    d = good_report()
+    ys, scores = [it["y"] for it in d["items"]], [it["score"] for it in d["items"]]
+    d["auc"] = auc_with_ci(ys, scores, n_boot=0)
+    assert d["auc"]["ci95"] is None and d["auc"]["value"] == pytest.approx(8 / 9)
+    report = EvaluationReport.from_bytes(json.dumps(d).encode())
+    assert report.auc_ci is None
+    d["calibration"] = {"uncalibrated": {"ece": 0.1}, "calibrated": {"ece": 0.05}, "temperature": 1.0}
+    assert "no CI: --n-boot 0" in format_report(d)

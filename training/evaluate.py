@@ -93,7 +93,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['model']['name']} on {d['split']} ({d['n']} images: {d['n_positive']} pneumonia, {d['n_negative']} normal"
         + (f"; {len(d['skipped'])} skipped" if d["skipped"] else "") + ")",
-        f"AUC {auc['value']:.4f}  (95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f})   "
+        f"AUC {auc['value']:.4f}  " + (f"(95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f})   " if auc.get("ci95") else "(no CI: --n-boot 0)   ") +
         f"ECE {report['calibration']['uncalibrated']['ece']:.4f} -> {report['calibration']['calibrated']['ece']:.4f} "
         f"with T={report['calibration']['temperature']:.3f}, b={report['calibration'].get('bias', 0.0):+.3f}",
         "",
