@@ -155,3 +155,19 @@ def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_disclaimer_names_the_models_own_training_data(at):
+    """A retrained model's sidebar names what it was trained on (from its metadata), escaped; the test
+    model records nothing, so its sidebar says the populations are unknown without naming any."""
+    from types import SimpleNamespace
+
+    from ui.state import disclaimer
+
+    text = next(i.value for i in at.sidebar.info if "not a medical device" in i.value)
+    assert "other than the model's training data are unknown" in text and "paediatric" not in text
+    meta = SimpleNamespace(training={"data_description": "Adults from [site](https://x.example) *A*"})
+    d = disclaimer(SimpleNamespace(clf=SimpleNamespace(meta=meta)))
+    from model.report import escape_markdown
+
+    assert f"Trained on: {escape_markdown('Adults from [site](https://x.example) *A*')}." in d and "[site](" not in d

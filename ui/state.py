@@ -23,10 +23,17 @@ if TYPE_CHECKING:  # the heavy imports (torch, torchvision, scikit-learn) happen
     from model.report import EvaluationReport
 
 from model.decision import DEFAULT_BAND  # noqa: E402  (tiny module: no heavy imports)
-DISCLAIMER = (
-    "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions. "
-    "Trained on paediatric (age 1-5) AP chest films from one centre; results on other populations are unknown."
-)
+DISCLAIMER = "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions."
+
+
+def disclaimer(loaded: Loaded | None) -> str:
+    """The disclaimer, naming the loaded model's own training data (a retrained model says what it saw)."""
+    from model.report import escape_markdown
+
+    desc = (loaded.clf.meta.training or {}).get("data_description") if loaded is not None else None
+    if not isinstance(desc, str) or not desc.strip():
+        return DISCLAIMER + " Results on populations other than the model's training data are unknown."
+    return f"{DISCLAIMER} Trained on: {escape_markdown(desc.strip()[:300])}. Results on other populations are unknown."
 PRESET_LABELS = {"default": "Default (screening)", "youden": "Youden's J", "high_sensitivity": "Sensitivity ≥ 95%, edge"}
 PRESET_HELP = {
     "default": "The most specific threshold keeping validation sensitivity >= 95% plus two standard errors.",
@@ -222,4 +229,4 @@ def sidebar(loaded: Loaded | None) -> None:
                 f"trained {meta.created[:10] or 'unknown'}  \n"
                 f"weights `{meta.weights_sha256[:12]}`"
             )
-        st.info(DISCLAIMER, icon=":material/info:")
+        st.info(disclaimer(loaded), icon=":material/info:")
