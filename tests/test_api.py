@@ -413,3 +413,31 @@ def test_batch_carries_the_input_check(flagging, real_images):
     assert [x["decision"] for x in res] == ["NOT_ASSESSED"] * 2 and all(x["probability"] is None for x in res)
     res = flagging.post("/predict/batch?force=true", files=files).json()["results"]
     assert all(x["decision"] in ("PNEUMONIA", "NORMAL", "UNCERTAIN") and x["reliable"] is False for x in res)
+
+
+# ------------------------------------------------------------------------------------------------
+# many clients at once
+# ------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_get_the_serial_answers(client, real_images):
+    """16 threads x 3 requests, good films (with and without a heatmap), a corrupt file and a
+    non-image interleaved: every answer equals the serial one; never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    films = [p.read_bytes() for c in real_images.values() for p in c[:2]]
+    jobs = [("/predict?band=0", f) for f in films] + [("/predict?band=0&cam=gradcam%2B%2B", films[0]),
+                                                      ("/predict", films[1][: len(films[1]) // 3]), ("/predict", b"not an image")]
+
+    def ask(i):
+        url, body = jobs[i % len(jobs)]
+        r = client.post(url, content=body, headers={"content-type": "application/octet-stream"})
+        out = r.json()
+        return i % len(jobs), r.status_code, (out.get("probability"), out.get("decision"), out.get("overlay_png_base64"))
+
+    serial = {i: ask(i)[1:] for i in range(len(jobs))}
+    assert {s for s, _ in serial.values()} == {200, 400} and serial[len(films)][1][2]  # the heatmap job has its overlay
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(ask, range(3 * 16)))
+    for k, status, answer in results:
+        assert (status, answer) == serial[k], k
