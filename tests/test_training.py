@@ -246,3 +246,11 @@ def test_cli_reports_bad_data_without_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "error: Data folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("module, default", [("train", "(default: 32)"), ("evaluate", "(default: 1000)")])
+def test_cli_help_shows_defaults(module, default):
+    import importlib
+
+    help_text = importlib.import_module(f"training.{module}").get_args_parser().format_help()
+    assert default in help_text and "(default: None)" in help_text

@@ -109,19 +109,20 @@ def format_report(report: dict) -> str:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a chest X-ray model artifact on labelled data", add_help=add_help)
-    p.add_argument("--model", default=None, help="model directory (default: $CXR_MODEL_DIR or assets/model)")
+    p = argparse.ArgumentParser(description="Evaluate a chest X-ray model artifact on labelled data", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory; when unset: $CXR_MODEL_DIR, else assets/model")
     p.add_argument("--data-dir", default=None, help="root in Kaggle layout: <root>/<split>/{NORMAL,PNEUMONIA}")
-    p.add_argument("--split", default="test", help="sub-folder of --data-dir to score (default: test)")
+    p.add_argument("--split", default="test", help="sub-folder of --data-dir to score")
     p.add_argument("--manifest", default=None, help="CSV with path,label[,patient_id] instead of --data-dir")
     p.add_argument("--split-file", default=None,
                    help="a split.csv written by training; scores its --subset (paths relative to --data-dir)")
-    p.add_argument("--subset", default="val", help="subset of --split-file to score (default: val)")
+    p.add_argument("--subset", default="val", help="subset of --split-file to score")
     p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--batch-size", default=64, type=int)
+    p.add_argument("--batch-size", default=64, type=int, help="images per forward pass")
     p.add_argument("--workers", default=2, type=int, help="decode threads")
-    p.add_argument("--n-boot", default=1000, type=int, help="bootstrap resamples for the AUC CI")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n-boot", default=1000, type=int, help="bootstrap resamples for the AUC CI (0: no interval)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--cache-dir", default=None, help="reuse decoded images (same cache as training)")
     return p
 
