@@ -286,6 +286,8 @@ def bench_browser(model_dir: Path, variants: list[tuple[str, Path, dict]], sessi
                 "decision_s": float(np.median([m["decision_s"] for m in pooled])),
                 "heatmap_s": float(np.median([m["heatmap_s"] for m in pooled])),
                 "first_upload_heatmap_s": float(np.median([m["heatmap_s"] for m in r["first_upload_s"][size]])),
+                "next_upload_heatmap_s": (float(np.median([m["heatmap_s"] for m in r["next_upload_s"][size]]))
+                                          if r["next_upload_s"][size] else float("nan")),
                 "ws_kb": float(np.median(r["ws_bytes"][size])) / 1024,
             }
     return out
@@ -331,7 +333,10 @@ def render(results: dict) -> str:
         for size, q in r["p50"].items():
             rows += [
                 (f"browser upload -> decision shown, {size} JPEG (p50){tag}", f"{q['decision_s']:.2f} s", ""),
-                (f"browser upload -> heatmap visible, {size} JPEG (p50){tag}", f"{q['heatmap_s']:.2f} s", "<= 0.5 s"),
+                (f"browser upload -> heatmap visible, {size} JPEG (p50, first and later uploads pooled){tag}",
+                 f"{q['heatmap_s']:.2f} s", ""),
+                (f"browser later upload in a session -> heatmap, {size} (p50){tag}", f"{q.get('next_upload_heatmap_s', float('nan')):.2f} s",
+                 "<= 0.5 s"),
                 (f"browser first upload of a session -> heatmap, {size} (p50){tag}", f"{q['first_upload_heatmap_s']:.2f} s", "<= 1 s"),
                 (f"websocket bytes received per upload, {size} (p50){tag}", f"{q['ws_kb']:.0f} KB", ""),
             ]
@@ -351,7 +356,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(model.default_model_dir()))
     ap.add_argument("--n", type=int, default=20, help="repetitions for latency percentiles")
-    ap.add_argument("--sessions", type=int, default=3, help="browser sessions per image size (2 uploads each)")
+    ap.add_argument("--sessions", type=int, default=8, help="browser sessions per image size (2 uploads each)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--no-model", action="store_true", help="skip the model-level figures")
     ap.add_argument("--no-browser", action="store_true")
