@@ -64,6 +64,14 @@ def data_line(training: dict) -> str:
     return f"**Data**: {text}" + (f"; {count_txt}." if count_txt else ".")
 
 
+def scope_sentence(training: dict | None) -> str:
+    """What the model was trained on, for the disclaimer (markdown, metadata escaped)."""
+    desc = str((training or {}).get("data_description") or "").strip()
+    if not desc:
+        return "Results on populations other than the model's training data are unknown."
+    return f"Trained on: {md_escape(desc[:300])}. Results on other populations are unknown."
+
+
 def limitations_line(training: dict) -> str:
     if is_kermany(training):
         scope = ("one centre, one age band, one projection; adult films, lateral views, other devices and other "

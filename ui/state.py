@@ -28,12 +28,11 @@ DISCLAIMER = "**Research and education tool - not a medical device.** Not for di
 
 def disclaimer(loaded: Loaded | None) -> str:
     """The disclaimer, naming the loaded model's own training data (a retrained model says what it saw)."""
-    from model.report import escape_markdown
+    from ui.model_card import scope_sentence
 
-    desc = (loaded.clf.meta.training or {}).get("data_description") if loaded is not None else None
-    if not isinstance(desc, str) or not desc.strip():
-        return DISCLAIMER + " Results on populations other than the model's training data are unknown."
-    return f"{DISCLAIMER} Trained on: {escape_markdown(desc.strip()[:300])}. Results on other populations are unknown."
+    return f"{DISCLAIMER} {scope_sentence(loaded.clf.meta.training if loaded is not None else None)}"
+
+
 PRESET_LABELS = {"default": "Default (screening)", "youden": "Youden's J", "high_sensitivity": "Sensitivity ≥ 95%, edge"}
 PRESET_HELP = {
     "default": "The most specific threshold keeping validation sensitivity >= 95% plus two standard errors.",
