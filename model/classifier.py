@@ -51,6 +51,7 @@ class Prediction:
 
     probability: float  # calibrated P(positive class)
     check: InputCheck  # flagged -> the model was not made for this image: do not use the probability
+    heatmap: np.ndarray | None = None  # S x S in [0, 1] at the model's input size (predict(heatmaps=True))
 
 
 @dataclass
@@ -198,11 +199,14 @@ class Classifier:
         """P(pneumonia) for one image or a sequence of images (bytes, paths, PIL, arrays)."""
         return np.array([p.probability for p in self.predict(images, batch_size)], dtype=np.float64)
 
-    def predict(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> list[Prediction]:
+    def predict(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32,
+                heatmaps: bool = False) -> list[Prediction]:
         """Probability and input check per image, from one forward pass (the public batched form).
 
         Accepts what ``decode_image`` accepts and ``model.preprocessing.DecodedImage`` (whose DICOM
-        tags and colour content the check uses)."""
+        tags and colour content the check uses). ``heatmaps=True`` adds the default heatmap for the
+        positive class at the model's input size, from the same pass (architectures with a
+        backward-free CAM only; otherwise ``None``: use :meth:`analyze`)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         out: list[Prediction] = []
@@ -212,7 +216,11 @@ class Classifier:
             logits, taps = self.forward(torch.stack([self.meta.normalize(sq) for sq in squares]))
             probs = self._probs(logits)
             checks = self._checks(taps, squares, decoded)
-            out.extend(Prediction(float(p), c) for p, c in zip(probs, checks))
+            maps = [None] * len(squares)
+            if heatmaps and self._fast_cam:
+                fmap = taps[get_spec(self.meta.architecture).cam_layer]
+                maps = list(self._class_activation_map(fmap, self.meta.positive_index, DEFAULT_CAM_METHOD))
+            out.extend(Prediction(float(p), c, m) for p, c, m in zip(probs, checks, maps))
         return out
 
     def _checks(self, taps: dict, squares: list[np.ndarray], decoded: list) -> list[InputCheck]:
@@ -259,7 +267,7 @@ class Classifier:
         return names.index(target.lower())
 
     def _class_activation_map(self, fmap: torch.Tensor, idx: int, method: str = "gradcam") -> np.ndarray:
-        """Grad-CAM / Grad-CAM++ at the last block of a GAP + linear head, without a backward pass.
+        """Grad-CAM / Grad-CAM++ (N x S x S) at the last block of a GAP + linear head, without a backward pass.
 
         The gradient of a class logit w.r.t. the final feature map is that class's fc weights / (h w)
         at every cell. Grad-CAM's channel weights are then the fc weights (Zhou et al. 2016's CAM);
@@ -283,7 +291,7 @@ class Classifier:
         cam = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
         cam = cam - cam.amin(dim=(2, 3), keepdim=True)  # pytorch-grad-cam min-max scales again after resizing
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
-        return cam[0, 0].cpu().numpy()
+        return cam[:, 0].cpu().numpy()
 
     def analyze(self, image: ImageSource, method: str = DEFAULT_CAM_METHOD, target: str | int = "pneumonia",
                 layer: str | None = None) -> Analysis:
@@ -300,7 +308,7 @@ class Classifier:
         prob = float(self._probs(logits)[0])
         check = self._checks(taps, [square], [(gray, colour, dicom)])[0]
         if method in FAST_CAM_METHODS and layer in (None, spec.cam_layer) and self._fast_cam:
-            heat = self._class_activation_map(taps[spec.cam_layer], idx, method)
+            heat = self._class_activation_map(taps[spec.cam_layer], idx, method)[0]
         else:
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

@@ -43,6 +43,7 @@ class UploadResult:
     dicom: dict = field(default_factory=dict)  # technical DICOM tags (DICOM_TAGS) when the upload is DICOM
     format: str | None = None
     display_uri: str | None = None  # the display copy as sent to the browser (set by the page, once)
+    heatmap: np.ndarray | None = None  # the default heatmap of ``square`` (float16 S x S), from the scoring pass
 
     @property
     def ok(self) -> bool:
@@ -73,7 +74,7 @@ def friendly_error(message: str) -> str:
 def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None, batch_size: int = 16) -> list[UploadResult]:
     """Decode and score many uploads; a bad file becomes a result with ``error`` set, never an exception.
 
-    The probability and the input check come from one ``clf.predict`` pass. ``progress(done, total)``
+    The probability, the input check and the default heatmap come from one ``clf.predict`` pass. ``progress(done, total)``
     is called as work completes (for a progress bar).
     """
     results = [UploadResult(name, hashlib.sha256(data).hexdigest()) for name, data in files]
@@ -97,10 +98,11 @@ def score_uploads(clf: Classifier, files: list[tuple[str, bytes]], progress=None
             progress(i + 1, 2 * len(files))
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
-        preds = clf.predict([sources[i] for i in chunk])
+        preds = clf.predict([sources[i] for i in chunk], heatmaps=True)
         for i, p in zip(chunk, preds):
             results[i].probability = float(p.probability)
             results[i].check = p.check
+            results[i].heatmap = None if p.heatmap is None else p.heatmap.astype(np.float16)
         if progress:
             progress(len(files) + start + len(chunk), 2 * len(files))
     if progress:

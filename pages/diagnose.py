@@ -184,8 +184,11 @@ def detail(key: str) -> None:
         cams = ss.setdefault("_cams", {})
         cam_key = (r.sha256, method)
         if cam_key not in cams:
-            with st.spinner(f"Computing {CAM_LABELS[method]}..."):
-                heat = clf.analyze(r.square, method=method).heatmap  # the scored input itself: heatmap and score agree
+            if method == DEFAULT_CAM_METHOD and r.heatmap is not None:
+                heat = r.heatmap.astype("float32")  # computed with the score, from the same forward pass
+            else:
+                with st.spinner(f"Computing {CAM_LABELS[method]}..."):
+                    heat = clf.analyze(r.square, method=method).heatmap  # the scored input itself: heatmap and score agree
             for k in [k for k in cams if k[0] != r.sha256]:  # keep the heatmaps of the image on screen only
                 del cams[k]
             cams[cam_key] = heat

@@ -25,13 +25,14 @@ def flagging_gate(monkeypatch):
     """The real gate is not in yet: a classifier whose check flags near-white images (as the gate will)."""
     original = Classifier.predict
 
-    def predict(self, images, batch_size=32):
-        preds = original(self, images, batch_size)
+    def predict(self, images, batch_size=32, heatmaps=False):
+        preds = original(self, images, batch_size, heatmaps)
         out = []
         for img, p in zip(images if isinstance(images, (list, tuple)) else [images], preds):
             gray = np.asarray(getattr(img, "gray", img))
             flagged = gray.mean() > 245
-            out.append(Prediction(p.probability, InputCheck(bool(flagged), 9.5 if flagged else 0.5, REASON if flagged else None)))
+            out.append(Prediction(p.probability, InputCheck(bool(flagged), 9.5 if flagged else 0.5, REASON if flagged else None),
+                                  p.heatmap))
         return out
 
     monkeypatch.setattr(Classifier, "predict", predict)

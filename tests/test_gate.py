@@ -146,6 +146,30 @@ def test_fast_cam_equals_pytorch_grad_cam(shipped, films, method):
     assert np.abs(pp - plain).max() > 1e-3  # and the two methods are not the same map
 
 
+def test_batched_predict_brings_the_default_heatmap_from_the_same_pass(shipped, films):
+    """predict(heatmaps=True) on a batch == analyze() of each scored input, one film at a time; the
+    Diagnose page uses it instead of a second forward pass (model.results.score_uploads)."""
+    from model.results import score_uploads
+
+    preds = shipped.predict(films, heatmaps=True)
+    assert all(p.heatmap is None for p in shipped.predict(films[:2]))  # only when asked for
+    for film, p in zip(films, preds):
+        square = model.resize_square(film, shipped.meta.input_size)
+        a = shipped.analyze(square)
+        assert p.heatmap.shape == square.shape and p.probability == pytest.approx(a.probability, abs=1e-5)
+        np.testing.assert_allclose(p.heatmap, a.heatmap, atol=1e-5)
+    r = score_uploads(shipped, [("a.png", _png(films[0]))])[0]
+    np.testing.assert_allclose(r.heatmap.astype(np.float32), shipped.analyze(r.square).heatmap, atol=1e-3)  # float16
+
+
+def _png(gray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _reference_gradcam(clf, gray, method: str = "gradcam"):
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
