@@ -105,16 +105,33 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask's set-and-restore races with other threads)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``safetensors.save_file`` with the permissions of any other file written here.
+
+    safetensors writes through a private temporary file and keeps its mode (0600): weights that the
+    account serving the app (or a container's non-root user) could not read. The umask decides, as
+    for model.json."""
+    save_file(tensors, str(path))
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_artifact(directory: str | Path, net: nn.Module, meta: ModelMeta) -> Path:
     """Write weights and metadata; the checksum in ``meta`` is filled in from the written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     weights = directory / WEIGHTS_FILE
-    # owner read/write only (0600), from the moment the file exists: created here, then filled by safetensors
-    os.close(os.open(weights, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-    weights.chmod(0o600)  # an older file keeps its mode through O_CREAT: set it explicitly
-    save_file(state, str(weights))  # no header metadata: model.json holds it, and bytes stay reproducible
+    save_tensors(state, weights)  # no header metadata: model.json holds it, and bytes stay reproducible
     meta.weights_sha256 = sha256_file(weights)
     (directory / META_FILE).write_text(meta.to_json())
     return directory

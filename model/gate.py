@@ -126,7 +126,7 @@ class Gate:
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> dict:
         """Write ``gate.safetensors``; returns the metadata block for model.json (with its checksum)."""
-        from safetensors.torch import save_file
+        from .artifact import save_tensors
 
         tensors = {}
         for name in self.layers:
@@ -134,7 +134,7 @@ class Gate:
             tensors[f"{name}.precision"] = self.precisions[name].contiguous()
             tensors[f"{name}.z"] = torch.tensor([self.z_mu[name], self.z_sd[name]], dtype=torch.float32)
         path = Path(directory) / GATE_FILE
-        save_file(tensors, str(path))
+        save_tensors(tensors, path)
         return {**self.info, "file": GATE_FILE, "layers": self.layers, "threshold": self.threshold,
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -78,3 +79,26 @@ def test_weights_are_safetensors_not_pickle(tmp_path):
     make_artifact(tmp_path)
     head = (tmp_path / WEIGHTS_FILE).read_bytes()[:16]
     assert not head.startswith(b"PK") and not head.startswith(b"\x80")  # neither zip (torch.save) nor pickle
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_weights_and_gate_get_the_permissions_of_any_other_file(tmp_path, mask):
+    """safetensors alone writes 0600 (through a private temporary file): a service account or a
+    container's non-root user could not read the model. The umask decides, as for model.json."""
+    import os
+
+    from model.gate import GATE_FILE
+    old = os.umask(mask)
+    try:
+        d = make_artifact(tmp_path / "a")
+        clf = model.load_model(d)
+        imgs = torch.randint(0, 256, (24, 1, 64, 64), dtype=torch.uint8)
+        from training.fit_gate import fit_and_store
+
+        fit_and_store(d, imgs, torch.tensor([0, 1] * 12), imgs[::2])
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    for name in ("weights.safetensors", GATE_FILE, "model.json"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == want, name
+    assert clf is not None and model.load_model(d).has_gate  # and it still loads
