@@ -337,17 +337,25 @@ def load_model(path: str | Path | None = None, device: str | None = None) -> Cla
     return Classifier(net, meta, directory=directory, device=device, gate=gate)
 
 
-def overlay(image: ImageSource, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
-    """Blend a jet-coloured heatmap over the image; returns H x W x 3 uint8 RGB."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+def jet(values: np.ndarray) -> np.ndarray:
+    """Matplotlib-style jet colour map in numpy: [0, 1] -> uint8 RGB (the viewer's colour scale too)."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1)[..., None]
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([r, g, b], axis=-1) * 255).round().astype(np.uint8)
 
+
+def overlay(image: ImageSource, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """Blend a jet-coloured heatmap over the image; returns H x W x 3 uint8 RGB at the image's size.
+
+    numpy only: pytorch-grad-cam's ``show_cam_on_image`` would import the library (with OpenCV and
+    matplotlib, ~8 s here) on the first heatmap a server is asked for."""
     gray = as_gray(image)
     h, w = gray.shape
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.shape != (h, w):
         heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
-    opacity = float(np.clip(opacity, 0.0, 1.0))
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0
-    if opacity == 0.0:
-        return (rgb * 255).round().astype(np.uint8)
-    return show_cam_on_image(rgb, np.clip(heat, 0, 1), use_rgb=True, image_weight=1.0 - opacity)
+    a = float(np.clip(opacity, 0.0, 1.0))
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    return np.clip((1 - a) * rgb + a * jet(heat).astype(np.float32), 0, 255).round().astype(np.uint8)

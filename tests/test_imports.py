@@ -1,4 +1,5 @@
-"""Cold start: serving a prediction imports none of the heavy libraries (checked in a fresh interpreter).
+"""Cold start: serving a prediction, its default heatmap and overlay imports none of the heavy libraries
+(checked in a fresh interpreter).
 
 torchvision (~4 s here, it pulls in torch._dynamo), scikit-learn (~2.5 s), pytorch-grad-cam (which
 pulls in all of them plus matplotlib and OpenCV) are needed for training, the report page and the
@@ -20,8 +21,9 @@ import model
 clf = model.load_model()
 img = (np.arange(300 * 250) % 251).astype(np.uint8).reshape(300, 250)
 p = clf.predict_proba(img)
-preds = clf.predict([img, img])
-assert p.shape == (1,) and 0.0 <= p[0] <= 1.0 and len(preds) == 2
+preds = clf.predict([img, img], heatmaps=True)
+rgb = model.overlay(img, clf.analyze(img).heatmap, 0.4)  # the default heatmap and its overlay, as the API sends them
+assert p.shape == (1,) and 0.0 <= p[0] <= 1.0 and len(preds) == 2 and rgb.shape == (300, 250, 3)
 print(json.dumps({"type": type(clf._net).__module__,
                   "loaded": sorted(m for m in HEAVY if m in sys.modules or any(k.startswith(m + ".") for k in sys.modules))}))
 """

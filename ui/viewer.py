@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
+from model.classifier import overlay
 from model.results import fit_within
 
 RED = "#d62728"
@@ -91,34 +92,7 @@ def xray_figure(display: np.ndarray, heat: np.ndarray | None = None, opacity: fl
     return fig
 
 
-def side_by_side_figure(original_rgb: np.ndarray, overlay_rgb: np.ndarray, titles=("X-ray", "Where the model looked")) -> go.Figure:
-    """Two already-blended images with linked zoom (kept for callers of the old API; sent as JPEGs)."""
-    fig = xray_figure(original_rgb, None, titles=titles)
-    fig.data[1].source = jpeg_data_uri(overlay_rgb)
-    return fig
-
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """Matplotlib-style jet colour map in numpy: [0, 1] -> uint8 RGB."""
-    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1)[..., None]
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.concatenate([r, g, b], axis=-1) * 255).round().astype(np.uint8)
-
-
-def overlay_rgb(gray: np.ndarray, heat: np.ndarray, opacity: float = 0.45) -> np.ndarray:
-    """The heatmap blended over the image (jet colours), H x W x 3 uint8 at the image's size."""
-    h, w = gray.shape[:2]
-    heat = np.asarray(heat, dtype=np.float32)
-    if heat.shape != (h, w):
-        heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32) if gray.ndim == 2 else gray.astype(np.float32)
-    a = float(np.clip(opacity, 0.0, 1.0))
-    return np.clip((1 - a) * rgb + a * jet(heat).astype(np.float32), 0, 255).round().astype(np.uint8)
-
-
 def overlay_png(gray: np.ndarray, heat: np.ndarray, opacity: float = 0.45) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(overlay_rgb(gray, heat, opacity)).save(buf, format="PNG")
+    Image.fromarray(overlay(gray, heat, opacity)).save(buf, format="PNG")
     return buf.getvalue()
