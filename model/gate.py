@@ -20,7 +20,6 @@ Two layers, both cheap:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,7 +125,7 @@ class Gate:
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> dict:
         """Write ``gate.safetensors``; returns the metadata block for model.json (with its checksum)."""
-        from .artifact import save_tensors
+        from .artifact import save_tensors, sha256_file
 
         tensors = {}
         for name in self.layers:
@@ -136,18 +135,18 @@ class Gate:
         path = Path(directory) / GATE_FILE
         save_tensors(tensors, path)
         return {**self.info, "file": GATE_FILE, "layers": self.layers, "threshold": self.threshold,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                "sha256": sha256_file(path)}
 
     @classmethod
     def load(cls, directory: str | Path, block: dict) -> "Gate":
         from safetensors.torch import load_file
 
-        from .artifact import ModelArtifactError
+        from .artifact import ModelArtifactError, sha256_file
 
         path = Path(directory) / block.get("file", GATE_FILE)
         if not path.is_file():
             raise ModelArtifactError(f"model.json names an input gate but {path.name} is missing.")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != block.get("sha256"):
+        if sha256_file(path) != block.get("sha256"):
             raise ModelArtifactError(f"{path.name} does not match the checksum in model.json; refusing to load it.")
         t = load_file(str(path))
         layers = list(block["layers"])

@@ -181,6 +181,4 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 def thumbnail_data_uri(gray: np.ndarray, side: int = 72) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(fit_within(gray, side)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fit_within(gray, side))).decode()

@@ -17,11 +17,12 @@ one label): they are dropped with a warning, never an error.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
+
+from model.artifact import sha256_file
 
 from .data import CLASS_NAMES, DataError, Sample
 
@@ -35,11 +36,7 @@ def _digest(path: str) -> str | None:
         st = os.stat(path)
         key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
         if key not in _digests:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            _digests[key] = h.hexdigest()
+            _digests[key] = sha256_file(path)
         return _digests[key]
     except OSError:
         return None  # unreadable: left for load_images to skip and report

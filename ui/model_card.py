@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
 KERMANY_CREDIT = (
@@ -157,10 +157,13 @@ def calibration_caption(report) -> str:
 
 def raw_meta(directory) -> dict:
     """model.json as stored: fields the running code's ModelMeta does not know (yet) are kept."""
-    try:
-        return json.loads((Path(directory) / "model.json").read_text()) if directory else {}
-    except (OSError, ValueError):
+    from model.artifact import META_FILE, ModelArtifactError, read_json
+
+    try:  # read_json: the artifact's one reader of its JSON files (size cap, deep nesting refused)
+        data = read_json(directory, META_FILE) if directory else None
+    except (ModelArtifactError, OSError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def gate_figures(meta, directory=None) -> dict | None:
@@ -205,10 +208,12 @@ def faithfulness_rows(meta, directory=None) -> tuple[list[dict], str | None]:
     note; ``([], None)`` when there is none. Accepts a list of rows, ``{"rows": [...], ...}`` or
     ``{name: {column: value}}``."""
     data = getattr(meta, "faithfulness", None) or raw_meta(directory).get("faithfulness")
-    if not data and directory and (Path(directory) / FAITHFULNESS_FILE).is_file():
+    if not data and directory:
+        from model.artifact import ModelArtifactError, read_json
+
         try:
-            data = json.loads((Path(directory) / FAITHFULNESS_FILE).read_text())
-        except (OSError, ValueError):
+            data = read_json(directory, FAITHFULNESS_FILE)
+        except (ModelArtifactError, OSError):
             return [], None
     note = None
     if isinstance(data, dict):

@@ -18,7 +18,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from model.classifier import overlay
-from model.results import fit_within
+from model.results import fit_within, png_bytes
 
 RED = "#d62728"
 DISPLAY_SIDE = 1024  # longest side of the image sent to the browser
@@ -93,6 +93,4 @@ def xray_figure(display: np.ndarray, heat: np.ndarray | None = None, opacity: fl
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, opacity: float = 0.45) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(overlay(gray, heat, opacity)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(overlay(gray, heat, opacity))
