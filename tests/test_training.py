@@ -120,6 +120,40 @@ def test_ddp_two_processes_gloo(data_dir, cache, tmp_path):
     assert proc.stdout.count("artifact written") == 1  # only rank 0 writes
 
 
+def test_fine_tuning_keeps_the_parents_validation_films(trained, data_dir, cache, tmp_path):
+    """--init-from reuses the parent's split: a fresh split (another seed here) would train on films the parent
+    was validated on, and the child's validation figures would be measured on its own training data."""
+    child = train(tmp_path / "child", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained))
+    val = lambda d: sorted(s.path for s in read_split(d / "split.csv", "val", root=data_dir))  # noqa: E731
+    assert val(child) == val(trained)
+    assert model.load_model(child).meta.training["split_from"] == str(trained / "split.csv")
+    fresh = train(tmp_path / "fresh", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained),
+                  "--split-file", "")
+    assert val(fresh) != val(trained)
+
+
+def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
+    """Calibration can put the served p = 0.5 where the raw softmax says ~0.06: a log-odds shift there must
+    count as it would at p = 0.5 (KL counts it ~4x less). And shrinking every logit, which calibration
+    undoes, must not make the loss smaller."""
+    import torch
+
+    ref = torch.tensor([[0.0, -2.75], [0.0, 0.0], [0.0, -6.0], [0.0, 5.0]])  # raw P(pneumonia) 0.06, 0.5, ...
+
+    def shifted(row):
+        out = ref.clone()
+        out[row, 1] += 0.5
+        return out
+
+    logit = [float(train_cli.consistency_loss(shifted(r), ref, "logit")) for r in (0, 1)]
+    kl = [float(train_cli.consistency_loss(shifted(r), ref, "kl")) for r in (0, 1)]
+    assert logit[0] == pytest.approx(logit[1], rel=0.05) and logit[0] > 0
+    assert kl[0] < kl[1] / 3
+    assert float(train_cli.consistency_loss(ref, ref, "logit")) == 0.0
+    answer = ref + torch.tensor([[0.0, 0.3], [0.0, -0.2], [0.0, 0.1], [0.0, -0.4]])
+    assert float(train_cli.consistency_loss(answer * 0.5, ref, "logit")) > float(train_cli.consistency_loss(answer, ref, "logit"))
+
+
 # ---- the split -----------------------------------------------------------------------------------
 
 

@@ -37,7 +37,8 @@ from model.registry import PretrainedWeightsUnavailable, list_models
 
 from .calibration import fit_calibration
 from .data import (
-    CLASS_NAMES, AcquisitionPerturb, DataError, XrayTensorDataset, grouped_split, load_images, load_samples, train_transform, write_split,
+    CLASS_NAMES, AcquisitionPerturb, DataError, XrayTensorDataset, grouped_split, load_images, load_samples, read_split,
+    train_transform, write_split,
 )
 from .evaluate import build_report, format_report
 from .fit_gate import fit_and_store
@@ -98,6 +99,23 @@ def autocast(args):
     return torch.autocast(args.device.type, dtype=dtype, enabled=args.amp)
 
 
+def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = "logit") -> torch.Tensor:
+    """How far a perturbed copy's output is from its film's (``reference`` carries no gradient).
+
+    ``logit``: squared log-odds difference over the batch's variance of log-odds. Why log-odds, not KL:
+    calibration moves the served boundary to where the raw softmax is far from 0.5 (v2's served p = 0.5 sat
+    at raw p ~ 0.06), where KL is almost blind to shifts that move the served probability by 0.2-0.3.
+    Why divided by the spread: a plain squared difference is also met by shrinking every logit, which
+    calibration then scales back up, differences included (measured: the class gap halved, the relative
+    change grew).
+    """
+    if kind == "kl":
+        return nn.functional.kl_div(torch.log_softmax(logits, 1), torch.softmax(reference, 1), reduction="batchmean")
+    log_odds = logits[:, 1] - logits[:, 0]
+    diff = log_odds - (reference[:, 1] - reference[:, 0])
+    return diff.pow(2).mean() / log_odds.var(unbiased=False).clamp(min=1e-3)
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None) -> dict:
     model.train()
     total, n, seen, t0 = 0.0, 0, 0, time.perf_counter()
@@ -108,10 +126,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
             if images.ndim == 5:  # (film, same film exported differently): CE on the second, both scored alike
                 reference, images = _channels_last(images[:, 0], args), _channels_last(images[:, 1], args)
                 with torch.no_grad():
-                    target_p = torch.softmax(model(reference).float(), 1)
+                    reference_logits = model(reference).float()
                 logits = model(images).float()
-                consistency = nn.functional.kl_div(torch.log_softmax(logits, 1), target_p, reduction="batchmean")
-                loss = criterion(logits, target) + args.consistency * consistency
+                loss = criterion(logits, target) + args.consistency * consistency_loss(logits, reference_logits,
+                                                                                      args.consistency_loss)
             else:
                 loss = criterion(model(_channels_last(images, args)), target)
         optimizer.zero_grad(set_to_none=True)
@@ -212,11 +230,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="probability of each acquisition perturbation (blur, resampling, gamma, noise, JPEG...); 0 disables")
     p.add_argument("--consistency", default=5.0, type=float,
                    help="weight of the consistency loss between a film and its perturbed copy; 0 trains on one view")
+    p.add_argument("--consistency-loss", default="logit", choices=("logit", "kl"),
+                   help="logit: squared log-odds difference over the batch's log-odds variance (scale-free, holds where the "
+                        "served boundary is); kl: KL of the softmax")
     p.add_argument("--init-from", default="", help="model directory whose weights start training (fine-tuning your own model)")
     p.add_argument("--data-description", default="", help="one sentence on the training data, shown in the model card")
     p.add_argument("--ema-decay", default=0.998, type=float, help="per-step EMA of weights; 0 disables")
     p.add_argument("--patience", default=6, type=int, help="early stopping: epochs without a better val AUC")
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--split-file", default=None,
+                   help="reuse a split.csv (train/val by file); default with --init-from: that model's own split, "
+                        "so fine-tuning never trains on the films its parent was validated on; '' splits afresh")
     p.add_argument("--val-fraction", default=0.2, type=float)
     p.add_argument("--max-per-class", default=None, type=int, help="use at most N images per class (smoke tests)")
     p.add_argument("--workers", default=0, type=int, help="DataLoader workers (augmentation is cheap; 0 is fastest on 2 cores)")
@@ -254,6 +278,10 @@ def lr_lambda(warmup_steps: int, total_steps: int, floor: float = 0.01):
     return f
 
 
+def _first_per_class(samples: list, limit: int | None) -> list:
+    return [s for c in (0, 1) for s in [x for x in samples if x.label == c][:limit]] if limit else samples
+
+
 def main(args) -> Path | None:
     args.device = torch_device(args.device)
     init_distributed(args)
@@ -265,11 +293,18 @@ def main(args) -> Path | None:
     log = print if is_main(args) else (lambda *a, **k: None)
 
     # ---- data: errors surface here, before any training --------------------------------------
-    samples = load_samples(args.data_dir, args.train_split, args.manifest)
-    if args.max_per_class:
-        samples = [s for c in (0, 1) for s in [x for x in samples if x.label == c][: args.max_per_class]]
-    samples = drop_duplicates(samples, warn=log)  # by content: exact copies dropped, contradictory labels refused
-    train_s, val_s = grouped_split(samples, args.val_fraction, args.seed)
+    split_file = args.split_file
+    if split_file is None and args.init_from and (Path(args.init_from) / SPLIT_FILE).is_file():
+        split_file = str(Path(args.init_from) / SPLIT_FILE)  # fine-tuning must not train on the parent's validation films
+    if split_file:
+        train_s, val_s = (_first_per_class(read_split(split_file, sub, root=args.data_dir), args.max_per_class)
+                          for sub in ("train", "val"))
+        train_s, val_s = drop_duplicates(train_s, warn=log), drop_duplicates(val_s, warn=log)
+        log(f"split read from {split_file}")
+    else:
+        samples = _first_per_class(load_samples(args.data_dir, args.train_split, args.manifest), args.max_per_class)
+        samples = drop_duplicates(samples, warn=log)  # by content: exact copies dropped, contradictory labels refused
+        train_s, val_s = grouped_split(samples, args.val_fraction, args.seed)
     check_disjoint(train_s, val_s)  # no image content on both sides of the split
     cache = args.cache_dir or None
     tr_img, tr_y, train_s, skipped_tr = load_images(train_s, args.image_size, cache, args.decode_workers, is_main(args) and not args.quiet)
@@ -428,6 +463,7 @@ def main(args) -> Path | None:
         training={
             "command": commands[0], **({"resumed_with": commands[1:]} if len(commands) > 1 else {}),
             "data": str(args.manifest or args.data_dir), "data_description": args.data_description,
+            **({"split_from": str(split_file)} if split_file else {}),
             "train_images": len(tr_y), "val_images": len(va_y),
             "val_patients": len({s.patient for s in val_s}), "skipped_images": len(skipped),
             "epochs_run": len(history), "best_epoch": best["epoch"], "best_weights": best["source"],
@@ -437,7 +473,8 @@ def main(args) -> Path | None:
                if args.init_from else {}),
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
-                                                               "equalize", "perturb_p", "consistency", "amp")},
+                                                               "equalize", "perturb_p", "consistency", "consistency_loss",
+                                                               "amp")},
         },
     )
     write_split(out / SPLIT_FILE, train_s, val_s, root=args.data_dir)
