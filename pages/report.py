@@ -115,6 +115,13 @@ if faith_rows:
         st.text(faith_note)
     st.dataframe(faith_rows, hide_index=True, width="content", key="faithfulness")
 
+independent = card.independent_rows(meta, clf.directory)
+if independent:
+    st.subheader("Measured independently")
+    st.caption("Figures measured by others on data this project does not hold, as recorded beside the weights. "
+               "The weights column says whether they measured this model.")
+    st.dataframe(independent, hide_index=True, width="stretch", key="independent")
+
 st.subheader("Model card")
 train = meta.training or {}
 st.markdown("\n".join([
@@ -123,6 +130,7 @@ st.markdown("\n".join([
     "- **Intended use**: research and education: exploring how a CNN screens for pneumonia and how thresholds trade "
     "sensitivity for specificity. **Not a medical device; not for diagnosis or treatment decisions.**",
     f"- {card.limitations_line(train)}",
+    *([f"- {card.independent_line(independent)}"] if independent else []),
     "- **Operating points** (chosen on the model's validation split): "
     + ", ".join(f"{card.md_escape(k)} {v:.3f}" for k, v in card.operating_points(meta).items()) + ".",
 ]))

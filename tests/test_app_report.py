@@ -159,6 +159,35 @@ def test_no_gate_or_faithfulness_sections_when_absent(monkeypatch, app_model):
     assert "Input gate" not in subheaders and "Heatmap faithfulness" not in subheaders
 
 
+def test_independent_figures_say_whose_weights_they_measured(monkeypatch, app_model, tmp_path):
+    """Figures measured by others travel beside the weights; a row of the parent model never reads as this one's."""
+    d = variant(app_model, tmp_path / "child", training={"initialised_from": {"weights_sha256": "ab" * 32}})
+    rows = [{"model": "parent-v1", "weights_sha256": "ab" * 32, "data": "the official test split", "measured_by": "*us*",
+             "auc": 0.984, "accuracy": 0.939, "sensitivity": 0.987, "specificity": 0.859, "ece": 0.116}]
+    (d / card.INDEPENDENT_FILE).write_text(json.dumps({"evaluations": rows}))
+    at = open_report(monkeypatch, d)
+    assert "Measured independently" in [s.value for s in at.subheader]
+    table = next(f.value for f in at.dataframe if "measured by" in f.value.columns)
+    assert list(table["weights"]) == ["the model this one was fine-tuned from (not these weights)"]
+    [line] = [m.value for m in at.markdown if "**Measured independently**" in m.value]
+    assert "no figures of these weights" in line and "auc 0.984" in line and r"\*us\*" not in line
+
+    meta = json.loads((d / META_FILE).read_text())
+    rows.append({**rows[0], "model": "this", "weights_sha256": meta["weights_sha256"], "auc": 0.991})
+    (d / card.INDEPENDENT_FILE).write_text(json.dumps(rows))  # a bare list is accepted too
+    at = open_report(monkeypatch, d)
+    [line] = [m.value for m in at.markdown if "**Measured independently**" in m.value]
+    assert "auc 0.991" in line and "no figures" not in line
+
+
+def test_hostile_independent_file_is_ignored(monkeypatch, app_model, tmp_path):
+    d = variant(app_model, tmp_path / "hostile")
+    (d / card.INDEPENDENT_FILE).write_text("[" * 100_000)
+    at = open_report(monkeypatch, d)
+    assert "Measured independently" not in [s.value for s in at.subheader]
+    assert card.independent_rows(type("M", (), {"weights_sha256": "x", "training": {}})(), d) == []
+
+
 # ---- pure helpers ----------------------------------------------------------------------------------
 
 def test_kermany_credit_only_for_that_data():

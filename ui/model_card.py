@@ -22,6 +22,8 @@ KERMANY_CREDIT = (
 )
 _KERMANY_WORDS = re.compile(r"kermany|guangzhou", re.I)
 FAITHFULNESS_FILE = "faithfulness.json"
+INDEPENDENT_FILE = "independent.json"
+_INDEPENDENT_METRICS = ("threshold", "auc", "accuracy", "sensitivity", "specificity", "ece", "tn", "fp", "fn", "tp")
 
 
 def md_escape(value: Any) -> str:
@@ -228,6 +230,56 @@ def faithfulness_rows(meta, directory=None) -> tuple[list[dict], str | None]:
         return [], None
     rows = [{str(k): _plain(v) for k, v in r.items()} for r in data if isinstance(r, dict)]
     return rows, note
+
+
+# ---- figures measured by others ---------------------------------------------------------------------
+
+def independent_rows(meta, directory=None) -> list[dict]:
+    """Figures measured by others on data this project does not hold (``independent.json`` beside the
+    weights), one row each, saying whose weights they measured.
+
+    Why the weights column: such figures arrive after a model ships, and the next model inherits the
+    file; a figure of an earlier model must never read as this one's.
+    """
+    from model.artifact import ModelArtifactError, read_json
+
+    try:
+        data = read_json(directory, INDEPENDENT_FILE) if directory else None
+    except (ModelArtifactError, OSError):
+        return []
+    entries = data.get("evaluations") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        return []
+    parent = ((getattr(meta, "training", None) or {}).get("initialised_from") or {}).get("weights_sha256")
+    rows = []
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        sha = str(e.get("weights_sha256") or "")
+        whose = ("this model" if sha and sha == meta.weights_sha256 else
+                 "the model this one was fine-tuned from (not these weights)" if sha and sha == parent else
+                 "another model (not these weights)")
+        row = {"model": _plain(e.get("model")), "weights": whose, "data": _plain(e.get("data")),
+               "measured by": _plain(e.get("measured_by"))}
+        row.update({k: e[k] for k in _INDEPENDENT_METRICS if isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool)})
+        rows.append(row)
+    return rows
+
+
+def independent_line(rows: list[dict]) -> str:
+    """The model card's **Measured independently** item (markdown, values escaped)."""
+    if not any(r["weights"] == "this model" for r in rows):
+        earlier = [r for r in rows if r["weights"] != "this model"]
+        text = "no figures of these weights have been measured on data outside this project yet"
+        if earlier:
+            r = earlier[0]
+            figures = ", ".join(f"{k} {r[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity", "ece") if k in r)
+            text += (f"; {md_escape(r['model'])}, {md_escape(r['weights'])}, scored {figures} on "
+                     f"{md_escape(r['data'])}")
+        return f"**Measured independently**: {text}."
+    r = next(r for r in rows if r["weights"] == "this model")
+    figures = ", ".join(f"{k} {r[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity", "ece") if k in r)
+    return f"**Measured independently** on {md_escape(r['data'])}: {figures}."
 
 
 def _plain(v):
