@@ -218,31 +218,35 @@ def make_row(file: str, ctx: dict, pred=None, error: str | None = None) -> dict:
     return row
 
 
-def predict_each(clf, images: list, batch_size: int) -> list:
+def predict_each(clf, images: list, batch_size: int, heatmaps: bool = False) -> list:
     """One batched forward pass; if the batch fails, per image so one bad input costs only its row."""
     try:
-        return clf.predict(images, batch_size)
+        return clf.predict(images, batch_size, heatmaps=heatmaps)
     except Exception:
         out = []
         for img in images:
             try:
-                out.append(clf.predict([img])[0])
+                out.append(clf.predict([img], heatmaps=heatmaps)[0])
             except Exception as err:
                 out.append(err)
         return out
 
 
-def write_heatmap(clf, path: str, directory: Path) -> str:
-    """Heatmap overlay PNG (the default method) at the image's full resolution: the file is decoded
-    again and scored once more (no backward pass), so ``--heatmaps`` roughly doubles the work per file."""
+def write_heatmap(clf, path: str, directory: Path, heatmap=None) -> str:
+    """Heatmap overlay PNG (the default method) over the image at its full resolution. The heatmap comes
+    from the scoring pass when it carries one; the file is decoded again for the background (the batch
+    holds only model-size copies), so ``--heatmaps`` adds a decode and a PNG per file, not a forward pass."""
     from PIL import Image
 
     from .classifier import overlay
 
     full = decode(path)
-    analysis = clf.analyze(getattr(full, "gray", full))
+    image = getattr(full, "gray", full)
+    if heatmap is None:  # an architecture without a backward-free CAM
+        analysis = clf.analyze(image)
+        image, heatmap = analysis.image, analysis.heatmap
     name = directory / f"{Path(path).stem}-{hashlib.sha1(key(path).encode()).hexdigest()[:8]}.png"
-    Image.fromarray(overlay(analysis.image, analysis.heatmap)).save(name)
+    Image.fromarray(overlay(image, heatmap)).save(name)
     return str(name)
 
 
@@ -260,7 +264,8 @@ def screen(clf, todo: list[str], sink: Sink, ctx: dict, batch_size: int, workers
     with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress, smoothing=0.1) as bar:
         for chunk in loader:
             ok = [(p, img) for p, img, err in chunk if err is None]
-            preds = dict(zip((p for p, _ in ok), predict_each(clf, [img for _, img in ok], batch_size)))
+            preds = dict(zip((p for p, _ in ok), predict_each(clf, [img for _, img in ok], batch_size,
+                                                                    heatmaps=heatmaps is not None)))
             rows = []
             for path, _, err in chunk:
                 pred = preds.get(path)
@@ -269,7 +274,7 @@ def screen(clf, todo: list[str], sink: Sink, ctx: dict, batch_size: int, workers
                 row = make_row(path, ctx, pred, err)
                 if heatmaps is not None and pred is not None:
                     try:
-                        row["heatmap"] = write_heatmap(clf, path, heatmaps)
+                        row["heatmap"] = write_heatmap(clf, path, heatmaps, pred.heatmap)
                     except Exception as hm_err:  # a failed overlay must not lose the result
                         print(f"screen: heatmap for {path} failed: {hm_err}", file=sys.stderr)
                 rows.append(row)
@@ -295,7 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's own)")
     ap.add_argument("--band", type=float, default=DEFAULT_BAND, help="UNCERTAIN within +/- band of the threshold")
     ap.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    ap.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="also write heatmap overlay PNGs (Grad-CAM++, full resolution) here; about doubles the time per file")
+    ap.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="also write heatmap overlay PNGs (Grad-CAM++, full resolution) here (from the scoring pass; each file is decoded again for the background)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     ap.add_argument("--workers", type=int, default=default_workers(), help="decoding processes (0: decode in the main process)")
     ap.add_argument("--model", type=Path, default=None, metavar="DIR", help="model artifact folder (default: $CXR_MODEL_DIR or assets/model)")

@@ -69,6 +69,16 @@ def test_folder_rows_match_predict(archive, tiny_artifact, tiny_classifier, tmp_
         assert r["decision"] == decide(p, tiny_classifier.threshold, DEFAULT_BAND, flagged=r["flagged"] == "True")
         assert r["error"] == "" and Path(r["heatmap"]).is_file()
     assert len(list(heat.iterdir())) == len(rows) - 1
+    # the overlay carries the heatmap of the scoring pass: what the app's analysis draws for that file
+    from PIL import Image
+
+    from model.classifier import overlay
+
+    r = next(r for n, r in rows.items() if n != "broken.jpeg")
+    a = tiny_classifier.analyze(r["file"])
+    written = np.asarray(Image.open(r["heatmap"]), dtype=np.int16)
+    assert written.shape[:2] == a.image.shape[:2]
+    assert np.abs(written - overlay(a.image, a.heatmap).astype(np.int16)).max() <= 2
 
 
 def test_manifest_jsonl_threshold_and_resume_guard(archive, tiny_artifact, tmp_path, capsys):
