@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class ModelMeta:
     positive_class: str = "PNEUMONIA"
     in_chans: int = 1
     equalize: bool = False  # histogram-equalise each input before mean/std (see preprocessing.equalize)
+    spectrum: list[float] | None = None  # reference amplitude per frequency ring (preprocessing.match_spectrum); None: off
     temperature: float = 1.0  # calibration: P = sigmoid((logit_pos - logit_neg) / temperature + bias)
     bias: float = 0.0
     threshold: float = 0.5
@@ -70,7 +72,7 @@ class ModelMeta:
         """The model's input normalisation, from its own metadata (the one call every path makes)."""
         from .preprocessing import normalize
 
-        return normalize(gray_sq, self.mean, self.std, self.equalize)
+        return normalize(gray_sq, self.mean, self.std, self.equalize, self.spectrum)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -92,6 +94,13 @@ class ModelMeta:
         get_spec(meta.architecture)  # unknown architecture -> ValueError with the list
         if meta.num_classes != 2:
             raise ModelArtifactError(f"Only binary classifiers are supported (got classes {meta.class_names}).")
+        if meta.spectrum is not None:
+            from .preprocessing import SPECTRUM_RINGS
+
+            ok = isinstance(meta.spectrum, list) and len(meta.spectrum) == SPECTRUM_RINGS + 1 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in meta.spectrum)
+            if not ok:
+                raise ModelArtifactError(f"{META_FILE}: spectrum must be {SPECTRUM_RINGS + 1} positive numbers.")
         if meta.positive_class not in meta.class_names:
             raise ModelArtifactError(f"positive_class {meta.positive_class!r} is not among {meta.class_names}.")
         return meta

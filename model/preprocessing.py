@@ -6,7 +6,8 @@ Three stages, each usable alone so callers can cache or display intermediate res
                                      .format, .colorfulness, .dicom (technical tags)
     decode_image(source)          -> decode(source).gray
     resize_square(gray, size)     -> uint8 grayscale S x S   (what the training cache stores)
-    normalize(gray_sq, mean, std, equalize_hist) -> float32 tensor 1 x S x S  (optionally rank-equalised first)
+    normalize(gray_sq, mean, std, equalize_hist, spectrum) -> float32 tensor 1 x S x S
+                                     (optionally rank-equalised, then spectrum-matched, first)
 
 ``preprocess`` chains them. Any decoding problem raises :class:`InvalidImageError` with a message a
 person can act on; nothing else escapes for bad input.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import functools
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -600,16 +602,55 @@ def equalize(gray_sq: torch.Tensor) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def normalize(gray_sq: np.ndarray | torch.Tensor, mean: float, std: float, equalize_hist: bool = False) -> torch.Tensor:
+SPECTRUM_RINGS = 24  # frequency rings from 0 to Nyquist (one more holds the corners beyond it)
+SPECTRUM_GAIN = (0.2, 5.0)  # how far a ring may be damped or boosted: detail a blur erased is not invented
+
+
+@functools.lru_cache(maxsize=8)
+def _rings(h: int, w: int) -> torch.Tensor:
+    r = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2)
+    return torch.clamp((r / 0.5 * SPECTRUM_RINGS).long(), max=SPECTRUM_RINGS)
+
+
+def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Mean Fourier amplitude per frequency ring of each mean-removed image: (..., H, W) -> (..., rings)."""
+    rings = _rings(*x.shape[-2:])
+    amp = torch.fft.rfft2(x - x.mean((-2, -1), keepdim=True)).abs().flatten(-2)
+    total = torch.zeros(*amp.shape[:-1], SPECTRUM_RINGS + 1).index_add_(-1, rings.flatten(), amp)
+    return total / torch.bincount(rings.flatten(), minlength=SPECTRUM_RINGS + 1).float()
+
+
+def match_spectrum(x: torch.Tensor, reference) -> torch.Tensor:
+    """Give each image the reference's amplitude per frequency ring (phases, i.e. the anatomy, untouched).
+
+    Why: blur, sharpening and a softer device are, to first order, linear filters - they multiply the
+    spectrum by a smooth radial curve. Matching the radial spectrum to the training films' mean divides
+    that curve out, as equalisation divides out gamma and window/level. Gains are clamped
+    (``SPECTRUM_GAIN``) so noise where a filter erased everything is not amplified.
+    """
+    ref = torch.as_tensor(reference, dtype=torch.float32)
+    h, w = x.shape[-2:]
+    mean = x.mean((-2, -1), keepdim=True)
+    gain = (ref / radial_spectrum(x).clamp(min=1e-6)).clamp(*SPECTRUM_GAIN)
+    gain[..., 0] = 1.0  # the lowest ring carries the film's overall layout, not its sharpness
+    spec = torch.fft.rfft2(x - mean) * gain[..., _rings(h, w)]
+    return torch.fft.irfft2(spec, s=(h, w)) + mean
+
+
+def normalize(gray_sq: np.ndarray | torch.Tensor, mean: float, std: float, equalize_hist: bool = False,
+              spectrum=None) -> torch.Tensor:
     """uint8 S x S (array or tensor, optionally with leading batch/channel axes) -> float 1 x S x S.
 
-    ``equalize_hist`` is the model's own setting (``ModelMeta.equalize``): every caller passes it
-    from the metadata, so training, evaluation and serving see the same input.
+    ``equalize_hist`` and ``spectrum`` are the model's own settings (``ModelMeta.equalize``,
+    ``ModelMeta.spectrum``): every caller passes them from the metadata, so training, evaluation and
+    serving see the same input.
     """
     t = gray_sq if isinstance(gray_sq, torch.Tensor) else torch.from_numpy(np.array(gray_sq, dtype=np.uint8))
     if t.ndim == 2:
         t = t.unsqueeze(0)
     x = equalize(t) if equalize_hist else t.float().div_(255.0)
+    if spectrum is not None:
+        x = match_spectrum(x, spectrum)
     return (x - mean) / std
 
 
@@ -618,6 +659,7 @@ def load_square(source: ImageSource, size: int) -> np.ndarray:
     return resize_square(decode_image(source), size)
 
 
-def preprocess(source: ImageSource, size: int, mean: float, std: float, equalize_hist: bool = False) -> torch.Tensor:
+def preprocess(source: ImageSource, size: int, mean: float, std: float, equalize_hist: bool = False,
+               spectrum=None) -> torch.Tensor:
     """Any supported input -> float32 tensor 1 x size x size, normalised with the model's stats."""
-    return normalize(load_square(source, size), mean, std, equalize_hist)
+    return normalize(load_square(source, size), mean, std, equalize_hist, spectrum)

@@ -255,3 +255,78 @@ def test_same_picture_in_any_format_gives_nearly_the_same_tensor(gray):
     for name, data in inputs.items():
         diff = (preprocess(data, 64, 0.5, 0.25) - ref).abs().mean().item()
         assert diff < 0.05, name
+
+
+# ---- spectrum matching (invariance to blur, sharpening, softer devices) ---------------------------
+
+
+def _films(real_images):
+    return [decode_image(p) for c in ("NORMAL", "PNEUMONIA") for p in real_images[c]]
+
+
+def _model_input(gray: np.ndarray, spectrum) -> torch.Tensor:
+    return normalize(resize_square(gray, 192), 0.5, 0.25, equalize_hist=True, spectrum=spectrum)
+
+
+def _reference(films) -> list[float]:
+    from model.preprocessing import equalize, radial_spectrum
+
+    sq = torch.stack([torch.from_numpy(resize_square(g, 192).copy()) for g in films])
+    return radial_spectrum(equalize(sq)).mean(0).tolist()
+
+
+def test_spectrum_matching_divides_out_blur_and_sharpening(real_images):
+    """A blurred or sharpened film reaches the network with the original's spectrum, up to the frequencies
+    where the gain clamp stops (what a blur erased is not invented)."""
+    from PIL import ImageFilter
+
+    from model.preprocessing import radial_spectrum
+
+    films = _films(real_images)
+    ref = _reference(films)
+    filters = {"blur": ImageFilter.GaussianBlur(1.0), "sharpen": ImageFilter.UnsharpMask(radius=2, percent=80, threshold=0)}
+    for name, f in filters.items():
+        for g in films:
+            h = np.asarray(Image.fromarray(g).filter(f))
+            err = {}
+            for key, spectrum in (("plain", None), ("matched", ref)):
+                a, b = (radial_spectrum(_model_input(x, spectrum))[0, 1:13] for x in (h, g))
+                err[key] = float((a / b).log().abs().mean())
+            assert err["matched"] < 0.5 * err["plain"], (name, err)
+
+
+def test_spectrum_matching_keeps_what_equalisation_gives(real_images):
+    """Gamma and window/level still vanish (equalisation runs first), the film's own spectrum is left as it
+    is, and a batch gives what single images give."""
+    from model.preprocessing import equalize, match_spectrum, radial_spectrum
+
+    films = _films(real_images)
+    ref = _reference(films)
+    g = films[0]
+    gamma = np.clip(np.round((g / 255.0) ** 0.8 * 255), 0, 255).astype(np.uint8)
+    plain = float((_model_input(gamma, None) - _model_input(g, None)).abs().mean())  # uint8 ties only
+    assert float((_model_input(gamma, ref) - _model_input(g, ref)).abs().mean()) < max(2 * plain, 0.01) < 0.05
+    x = equalize(torch.from_numpy(resize_square(g, 192)))
+    own = radial_spectrum(x)
+    assert torch.allclose(match_spectrum(x, own), x, atol=1e-4)
+    batch = normalize(np.stack([resize_square(f, 192) for f in films])[:, None], 0.5, 0.25, True, ref)
+    single = torch.stack([_model_input(f, ref) for f in films])
+    assert torch.allclose(batch, single, atol=1e-5)
+    assert torch.isfinite(normalize(np.zeros((192, 192), np.uint8), 0.5, 0.25, True, ref)).all()  # a blank image
+
+
+def test_artifact_refuses_a_malformed_spectrum(tmp_path):
+    import json
+
+    import model
+    from model.artifact import ModelArtifactError
+    from tests.conftest import make_artifact
+
+    d = make_artifact(tmp_path / "m")
+    meta = json.loads((d / "model.json").read_text())
+    for bad in ([1.0] * 3, ["x"] * 25, [float("nan")] * 25, [0.0] * 25, "abc"):
+        (d / "model.json").write_text(json.dumps({**meta, "spectrum": bad}))
+        with pytest.raises(ModelArtifactError, match="spectrum"):
+            model.load_model(d)
+    (d / "model.json").write_text(json.dumps({**meta, "spectrum": [1.0] * 25}))
+    assert model.load_model(d).meta.spectrum == [1.0] * 25

@@ -81,6 +81,7 @@ def test_retrained_model_carries_a_working_gate(trained, data_dir):
     assert clf.check_input(noise).score > np.median(scores)
     assert clf.check_input(np.full((128, 128), 255, np.uint8)).flagged
     assert clf.meta.equalize and clf.meta.training["hyperparameters"]["consistency"] > 0
+    assert len(clf.meta.spectrum) == 25 and clf.meta.training["hyperparameters"]["match_spectrum"]
 
 
 def test_report_scores_reproduce_through_the_public_api(trained, data_dir):

@@ -32,7 +32,7 @@ from model.artifact import load_artifact, torch_device
 from model.artifact import HISTORY_FILE, META_FILE, REPORT_FILE, SPLIT_FILE, ModelArtifactError
 from model.classifier import calibrated_probs
 from model.metrics import operating_points
-from model.preprocessing import equalize, normalize
+from model.preprocessing import SPECTRUM_RINGS, equalize, match_spectrum, normalize, radial_spectrum
 from model.registry import PretrainedWeightsUnavailable, list_models
 
 from .calibration import fit_calibration
@@ -226,6 +226,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", default=0.05, type=float)
     p.add_argument("--equalize", default=True, action=argparse.BooleanOptionalAction,
                    help="histogram-equalise every input (invariance to gamma, contrast, window/level by construction)")
+    p.add_argument("--match-spectrum", default=True, action=argparse.BooleanOptionalAction,
+                   help="match every input's radial amplitude spectrum to the training films' (invariance to blur, "
+                        "sharpening and softer devices, as equalisation gives to gamma and window/level)")
     p.add_argument("--perturb-p", default=0.35, type=float,
                    help="probability of each acquisition perturbation (blur, resampling, gamma, noise, JPEG...); 0 disables")
     p.add_argument("--consistency", default=5.0, type=float,
@@ -312,7 +315,12 @@ def main(args) -> Path | None:
     skipped = skipped_tr + skipped_va
     for msg in skipped:
         log(f"skipped unreadable image: {msg}")
-    scaled = torch.cat([equalize(c) if args.equalize else c.float() / 255.0 for c in tr_img.split(512)])
+    unit = (lambda c: equalize(c)) if args.equalize else (lambda c: c.float() / 255.0)  # noqa: E731
+    spectrum = None
+    if args.match_spectrum:  # the training films' mean amplitude per frequency ring: every input is matched to it
+        spectrum = torch.cat([radial_spectrum(unit(c)).reshape(-1, SPECTRUM_RINGS + 1) for c in tr_img.split(512)])
+        spectrum = [round(float(v), 6) for v in spectrum.mean(0)]
+    scaled = torch.cat([match_spectrum(unit(c), spectrum) if spectrum else unit(c) for c in tr_img.split(512)])
     mean, std = float(scaled.mean()), float(scaled.std())
     del scaled
     counts = torch.bincount(tr_y, minlength=2).float()
@@ -321,7 +329,7 @@ def main(args) -> Path | None:
         f"{len({s.patient for s in train_s})} patients), val {len(va_y)} images "
         f"({len({s.patient for s in val_s})} patients), skipped {len(skipped)}; mean {mean:.4f} std {std:.4f}")
 
-    norm = functools.partial(normalize, mean=mean, std=std, equalize_hist=args.equalize)
+    norm = functools.partial(normalize, mean=mean, std=std, equalize_hist=args.equalize, spectrum=spectrum)
     perturb = AcquisitionPerturb(args.perturb_p) if args.perturb_p > 0 else None
     train_ds = XrayTensorDataset(tr_img, tr_y, norm, train_transform(args.image_size), perturb,
                                  views=2 if perturb is not None and args.consistency > 0 else 1)
@@ -456,7 +464,7 @@ def main(args) -> Path | None:
 
     meta = ModelMeta(
         architecture=args.arch, input_size=args.image_size, mean=mean, std=std, class_names=list(CLASS_NAMES),
-        equalize=args.equalize,
+        equalize=args.equalize, spectrum=spectrum,
         temperature=temperature, bias=bias, threshold=threshold, operating_points=points,
         name=f"cxr-{args.arch}-{args.image_size}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -473,7 +481,7 @@ def main(args) -> Path | None:
                if args.init_from else {}),
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
-                                                               "equalize", "perturb_p", "consistency", "consistency_loss",
+                                                               "equalize", "match_spectrum", "perturb_p", "consistency", "consistency_loss",
                                                                "amp")},
         },
     )
