@@ -206,6 +206,16 @@ def test_operating_points_fold_duplicates():
     assert card.operating_points(M()) == {"default (screening)": 0.9146, "youden": 0.6, "high_sensitivity": 0.96}
 
 
+def test_model_line_names_the_input_steps_the_metadata_sets():
+    class M:
+        architecture, input_size, resize, weights_sha256, training = "resnet18", 192, "squash", "ab" * 32, {}
+        equalize, spectrum = True, [1.0] * 25
+
+    assert "histogram-equalised and spectrum-matched" in card.model_line("m", M())
+    M.equalize, M.spectrum = False, None
+    assert "equalised" not in card.model_line("m", M()) and "spectrum" not in card.model_line("m", M())
+
+
 def test_md_escape_neutralises_markup():
     assert card.md_escape("**x** [a](http://e) :red[y] $z$\n<b>") == r"\*\*x\*\* \[a\]\(http\://e\) \:red\[y\] \$z\$ \<b\>"
     assert card.md_escape("my-hospital 2.0") == "my-hospital 2.0"

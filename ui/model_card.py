@@ -88,8 +88,11 @@ def model_line(name: str, meta) -> str:
     training = meta.training or {}
     pretrained = training.get("pretrained")
     how = {True: "fine-tuned from pretrained weights", False: "trained from scratch (no pretrained weights)"}.get(pretrained, "")
+    steps = [t for t, on in (("histogram-equalised", getattr(meta, "equalize", False)),
+                             ("spectrum-matched to its training films", getattr(meta, "spectrum", None))) if on]
     return (f"**Model**: {md_escape(name)}: {md_escape(meta.architecture)}{' ' + how if how else ''}, "
-            f"{md_escape(meta.input_size)} x {md_escape(meta.input_size)} grayscale input, {md_escape(meta.resize)}. "
+            f"{md_escape(meta.input_size)} x {md_escape(meta.input_size)} grayscale input, {md_escape(meta.resize)}"
+            f"{', ' + ' and '.join(steps) if steps else ''}. "
             f"Weights sha256 {md_escape(meta.weights_sha256[:16])}...")
 
 
