@@ -315,7 +315,7 @@ def main(args) -> Path | None:
     skipped = skipped_tr + skipped_va
     for msg in skipped:
         log(f"skipped unreadable image: {msg}")
-    unit = (lambda c: equalize(c)) if args.equalize else (lambda c: c.float() / 255.0)  # noqa: E731
+    unit = equalize if args.equalize else (lambda c: c.float() / 255.0)  # noqa: E731
     spectrum = None
     if args.match_spectrum:  # the training films' mean amplitude per frequency ring: every input is matched to it
         spectrum = torch.cat([radial_spectrum(unit(c)).reshape(-1, SPECTRUM_RINGS + 1) for c in tr_img.split(512)])

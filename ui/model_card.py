@@ -271,18 +271,17 @@ def independent_rows(meta, directory=None) -> list[dict]:
 
 def independent_line(rows: list[dict]) -> str:
     """The model card's **Measured independently** item (markdown, values escaped)."""
-    if not any(r["weights"] == "this model" for r in rows):
-        earlier = [r for r in rows if r["weights"] != "this model"]
-        text = "no figures of these weights have been measured on data outside this project yet"
-        if earlier:
-            r = earlier[0]
-            figures = ", ".join(f"{k} {r[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity", "ece") if k in r)
-            text += (f"; {md_escape(r['model'])}, {md_escape(r['weights'])}, scored {figures} on "
-                     f"{md_escape(r['data'])}")
-        return f"**Measured independently**: {text}."
-    r = next(r for r in rows if r["weights"] == "this model")
-    figures = ", ".join(f"{k} {r[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity", "ece") if k in r)
-    return f"**Measured independently** on {md_escape(r['data'])}: {figures}."
+    def figures(r: dict) -> str:
+        return ", ".join(f"{k} {r[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity", "ece") if k in r)
+
+    own = next((r for r in rows if r["weights"] == "this model"), None)
+    if own is not None:
+        return f"**Measured independently** on {md_escape(own['data'])}: {figures(own)}."
+    text = "no figures of these weights have been measured on data outside this project yet"
+    if rows:
+        r = rows[0]
+        text += f"; {md_escape(r['model'])}, {md_escape(r['weights'])}, scored {figures(r)} on {md_escape(r['data'])}"
+    return f"**Measured independently**: {text}."
 
 
 def _plain(v):
