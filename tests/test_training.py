@@ -124,10 +124,12 @@ def test_ddp_two_processes_gloo(data_dir, cache, tmp_path):
 def test_fine_tuning_keeps_the_parents_validation_films(trained, data_dir, cache, tmp_path):
     """--init-from reuses the parent's split: a fresh split (another seed here) would train on films the parent
     was validated on, and the child's validation figures would be measured on its own training data."""
-    child = train(tmp_path / "child", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained))
+    child = train(tmp_path / "child", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained),
+                  "--served-consistency", "50")  # the parent's calibration defines the served probability
     val = lambda d: sorted(s.path for s in read_split(d / "split.csv", "val", root=data_dir))  # noqa: E731
     assert val(child) == val(trained)
-    assert model.load_model(child).meta.training["split_from"] == str(trained / "split.csv")
+    training = model.load_model(child).meta.training
+    assert training["split_from"] == str(trained / "split.csv") and training["hyperparameters"]["served_consistency"] == 50
     fresh = train(tmp_path / "fresh", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained),
                   "--split-file", "")
     assert val(fresh) != val(trained)
@@ -154,6 +156,33 @@ def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
     answer = ref + torch.tensor([[0.0, 0.3], [0.0, -0.2], [0.0, 0.1], [0.0, -0.4]])
     assert float(train_cli.consistency_loss(answer * 0.5, ref, "logit")) > float(train_cli.consistency_loss(answer, ref, "logit"))
 
+
+
+def test_served_consistency_pulls_where_the_served_probability_moves():
+    """The same log-odds shift costs most where the calibrated p is near 0.5 and almost nothing on a confident
+    film; the loss is the squared change of exactly the probability the app shows."""
+    import torch
+
+    from model.classifier import calibrated_probs
+
+    t, b = 0.8, 4.4  # a class-weighted model's calibration: served p = 0.5 at raw margin -3.52
+    ref = torch.tensor([[0.0, -3.52], [0.0, 8.0], [0.0, -12.0]])
+
+    def shifted(row):
+        out = ref.clone()
+        out[row, 1] += 0.5
+        return out
+
+    costs = [float(train_cli.served_consistency_loss(shifted(r), ref, t, b)) for r in range(3)]
+    assert costs[0] > 100 * max(costs[1], costs[2]) > 0
+    dp = calibrated_probs(shifted(0), t, b, as_numpy=False) - calibrated_probs(ref, t, b, as_numpy=False)
+    assert costs[0] == pytest.approx(float(dp.pow(2).mean()))
+    assert float(train_cli.served_consistency_loss(ref, ref, t, b)) == 0.0
+
+
+def test_served_consistency_needs_a_parent_calibration(tmp_path, data_dir, cache):
+    with pytest.raises(train_cli.DataError, match="--init-from"):
+        train(tmp_path / "x", data_dir, cache, "--epochs", "1", "--served-consistency", "50")
 
 # ---- the split -----------------------------------------------------------------------------------
 

@@ -116,6 +116,20 @@ def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = 
     return diff.pow(2).mean() / log_odds.var(unbiased=False).clamp(min=1e-3)
 
 
+def served_consistency_loss(logits: torch.Tensor, reference: torch.Tensor, temperature: float, bias: float) -> torch.Tensor:
+    """Squared difference of the *served* (calibrated) probabilities of a film and its perturbed copy.
+
+    Why: what a user sees move is the calibrated probability, and it moves only for films near the served
+    boundary (dp = p(1 - p) / T x d(log-odds)). A log-odds loss spends most of its pull on confident films
+    whose drift nobody sees; this one pulls hardest where p is near 0.5. The calibration is the parent
+    model's (``--init-from``): fine-tuning moves it little, and training refits it at the end anyway.
+    """
+    def served(z):
+        return calibrated_probs(z, temperature, bias, as_numpy=False)
+
+    return (served(logits) - served(reference)).pow(2).mean()
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None) -> dict:
     model.train()
     total, n, seen, t0 = 0.0, 0, 0, time.perf_counter()
@@ -130,6 +144,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
                 logits = model(images).float()
                 loss = criterion(logits, target) + args.consistency * consistency_loss(logits, reference_logits,
                                                                                       args.consistency_loss)
+                if args.served_consistency > 0:
+                    loss = loss + args.served_consistency * served_consistency_loss(logits, reference_logits,
+                                                                                    *args.served_calibration)
             else:
                 loss = criterion(model(_channels_last(images, args)), target)
         optimizer.zero_grad(set_to_none=True)
@@ -236,6 +253,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--consistency-loss", default="logit", choices=("logit", "kl"),
                    help="logit: squared log-odds difference over the batch's log-odds variance (scale-free, holds where the "
                         "served boundary is); kl: KL of the softmax")
+    p.add_argument("--served-consistency", default=0.0, type=float,
+                   help="weight of a second consistency term on the served (calibrated) probability, with the "
+                        "--init-from model's calibration: pulls hardest on films near the decision boundary; 0 disables")
     p.add_argument("--init-from", default="", help="model directory whose weights start training (fine-tuning your own model)")
     p.add_argument("--data-description", default="", help="one sentence on the training data, shown in the model card")
     p.add_argument("--ema-decay", default=0.998, type=float, help="per-step EMA of weights; 0 disables")
@@ -296,6 +316,9 @@ def main(args) -> Path | None:
     log = print if is_main(args) else (lambda *a, **k: None)
 
     # ---- data: errors surface here, before any training --------------------------------------
+    if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
+        raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
+                        "and the consistency pair (--consistency > 0, --perturb-p > 0).")
     split_file = args.split_file
     if split_file is None and args.init_from and (Path(args.init_from) / SPLIT_FILE).is_file():
         split_file = str(Path(args.init_from) / SPLIT_FILE)  # fine-tuning must not train on the parent's validation films
@@ -354,6 +377,7 @@ def main(args) -> Path | None:
             raise DataError(f"--init-from holds a {start_meta.architecture}, not --arch {args.arch}.")
         model.load_state_dict(start.state_dict())
         args.init_from_sha256 = start_meta.weights_sha256
+        args.served_calibration = (start_meta.temperature, start_meta.bias)
         log(f"initialised from {args.init_from} ({start_meta.name}, weights {start_meta.weights_sha256[:12]})")
     model = model.to(args.device)
     if args.channels_last:
@@ -482,6 +506,7 @@ def main(args) -> Path | None:
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "match_spectrum", "perturb_p", "consistency", "consistency_loss",
+                                                               "served_consistency",
                                                                "amp")},
         },
     )
