@@ -70,3 +70,19 @@ def test_default_heatmap_is_the_most_faithful_measured_for_this_model(shipped):
     assert table["best"] == {"method": best["method"], "layer": best["layer"]}
     assert best == {**best, "method": model.DEFAULT_CAM_METHOD, "layer": get_spec(shipped.meta.architecture).cam_layer}
     assert len(table["rows"]) >= 6 and table["films"]["n"] >= 60
+
+
+def test_robustness_benchmark_counts_what_a_user_would_see(shipped, real_images):
+    """benchmarks/robustness.py: |dp| and decision flips at the default threshold, checked against a
+    'perturbation' that swaps each film for a film of the other class (flips computed independently)."""
+    from benchmarks.robustness import measure
+
+    films = [model.decode_image(p) for c in ("NORMAL", "PNEUMONIA") for p in real_images[c]]
+    swap = {id(g): films[(i + len(films) // 2) % len(films)] for i, g in enumerate(films)}
+    out = measure(shipped, films, {"same": lambda g: g, "other_class": lambda g: swap[id(g)]})
+    assert out["same"] == {"mean": 0.0, "max": 0.0, "p95": 0.0, "flips": 0}
+    p = shipped.predict_proba(films)
+    q = shipped.predict_proba([swap[id(g)] for g in films])
+    called = lambda x: x >= shipped.threshold  # noqa: E731
+    assert out["other_class"]["flips"] == int((called(p) != called(q)).sum()) > 0
+    assert out["other_class"]["mean"] == pytest.approx(float(np.abs(p - q).mean()), abs=1e-4)
