@@ -184,6 +184,22 @@ def test_served_consistency_needs_a_parent_calibration(tmp_path, data_dir, cache
     with pytest.raises(train_cli.DataError, match="--init-from"):
         train(tmp_path / "x", data_dir, cache, "--epochs", "1", "--served-consistency", "50")
 
+@pytest.mark.parametrize("sigma", [0.8, 1.5, 2.5])
+def test_training_blur_is_a_whole_gaussian(sigma):
+    """The blur behind training's softness and unsharp-mask perturbations has the width it is asked for
+    (a truncated kernel silently trained on narrower filters than the ones it is measured against)."""
+    import torch
+
+    from training.data import gaussian_blur
+
+    impulse = torch.zeros(1, 1, 65, 65)
+    impulse[..., 32, 32] = 1.0
+    out = gaussian_blur(impulse, sigma)[0, 0].double()
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-4)
+    r2 = (torch.arange(65, dtype=torch.float64) - 32) ** 2
+    assert float((out.sum(0) * r2).sum().sqrt()) == pytest.approx(sigma, rel=0.03)
+
+
 # ---- the split -----------------------------------------------------------------------------------
 
 

@@ -283,6 +283,14 @@ def _uniform(lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand(()))
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur whose kernel spans +-3 sigma: a fixed 7-tap kernel cuts sigma 2 down to an effective 1.64,
+    so the unsharp masks training saw were narrower than a console's (or PIL's UnsharpMask radius 2)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.gaussian_blur(x, kernel_size=2 * int(np.ceil(3 * sigma)) + 1, sigma=sigma)
+
+
 class AcquisitionPerturb:
     """The same film as another device or export would have made it (uint8 1 x S x S in and out).
 
@@ -300,7 +308,6 @@ class AcquisitionPerturb:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
         from torchvision.io import decode_jpeg, encode_jpeg
-        from torchvision.transforms.v2 import functional as TF
 
         x = img.float().unsqueeze(0)  # 1 x 1 x S x S, 0..255
         size = x.shape[-2:]
@@ -309,9 +316,9 @@ class AcquisitionPerturb:
             small = (max(8, round(size[0] / f)), max(8, round(size[1] / f)))
             x = F.interpolate(F.interpolate(x, small, mode="area"), size, mode="bilinear", align_corners=False)
         elif self._fires():
-            x = TF.gaussian_blur(x, kernel_size=7, sigma=_uniform(0.4, 1.5))
+            x = gaussian_blur(x, _uniform(0.4, 1.5))
         if self._fires():  # unsharp masking, as many consoles apply
-            x = x + _uniform(0.3, 1.0) * (x - TF.gaussian_blur(x, kernel_size=7, sigma=_uniform(0.8, 2.0)))
+            x = x + _uniform(0.3, 1.0) * (x - gaussian_blur(x, _uniform(0.8, 2.5)))
         x = x.clamp(0, 255) / 255.0
         if self._fires():
             x = x.pow(float(torch.exp(torch.empty(()).uniform_(-0.4, 0.4))))  # gamma ~0.67..1.49
