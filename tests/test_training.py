@@ -200,6 +200,22 @@ def test_training_blur_is_a_whole_gaussian(sigma):
     assert float((out.sum(0) * r2).sum().sqrt()) == pytest.approx(sigma, rel=0.03)
 
 
+@pytest.mark.parametrize("kernel", range(3))
+def test_training_resamplers_soften_like_a_device(kernel):
+    """Each down-sampling kernel a softer device is simulated with removes detail finer than its pixels
+    (no aliasing back) and keeps the film's mean brightness."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.data import RESAMPLERS
+
+    fine = (torch.arange(64).view(1, -1) + torch.arange(64).view(-1, 1)) % 2 * 200.0 + 20.0
+    x = fine.view(1, 1, 64, 64)
+    y = F.interpolate(F.interpolate(x, (32, 32), **RESAMPLERS[kernel]), (64, 64), mode="bilinear", align_corners=False)
+    assert float(y.std()) < 0.1 * float(x.std())
+    assert float(y.mean()) == pytest.approx(float(x.mean()), rel=0.02)
+
+
 # ---- the split -----------------------------------------------------------------------------------
 
 

@@ -291,6 +291,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return TF.gaussian_blur(x, kernel_size=2 * int(np.ceil(3 * sigma)) + 1, sigma=sigma)
 
 
+# How devices and export tools shrink an image: box averaging, or antialiased (triangle / cubic) filters as
+# PIL's and most viewers' resize use. Training on one kernel left 2x PIL down/up-sampling a tail of its own.
+RESAMPLERS = ({"mode": "area"}, {"mode": "bilinear", "antialias": True, "align_corners": False},
+              {"mode": "bicubic", "antialias": True, "align_corners": False})
+
+
 class AcquisitionPerturb:
     """The same film as another device or export would have made it (uint8 1 x S x S in and out).
 
@@ -314,7 +320,8 @@ class AcquisitionPerturb:
         if self._fires():  # a softer device: lower resolution, then back
             f = _uniform(1.5, 3.0)
             small = (max(8, round(size[0] / f)), max(8, round(size[1] / f)))
-            x = F.interpolate(F.interpolate(x, small, mode="area"), size, mode="bilinear", align_corners=False)
+            down = RESAMPLERS[int(torch.randint(len(RESAMPLERS), ()))]
+            x = F.interpolate(F.interpolate(x, small, **down), size, mode="bilinear", align_corners=False)
         elif self._fires():
             x = gaussian_blur(x, _uniform(0.4, 1.5))
         if self._fires():  # unsharp masking, as many consoles apply
