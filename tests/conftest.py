@@ -16,6 +16,9 @@ import model
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("CXR_DATA_DIR", ROOT.parent / "shared" / "data" / "chest_xray"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Every model the suite loads (here, in the API, the app and their subprocesses) scores in fp32, so exact
+# comparisons hold on any CPU; bf16 serving is compared with fp32 in test_shipped_model.py.
+os.environ["CXR_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")
