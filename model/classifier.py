@@ -107,7 +107,10 @@ class Classifier:
         self.directory = directory
         self.device = torch_device(device)
         self.gate = gate
-        self.bf16 = _fast_bf16(self.device) if bf16 is None else bf16
+        if bf16 is None:  # CXR_BF16=0/1 overrides the hardware's choice for every classifier, however built
+            env = os.environ.get("CXR_BF16", "").strip()
+            bf16 = env == "1" if env in ("0", "1") else _fast_bf16(self.device)
+        self.bf16 = bf16
         net = net.to(self.device).eval()
         if fold_bn:  # same outputs (checked on a probe), ~1.1-1.2x faster on CPU: see model/fuse.py
             probe = torch.randn(2, meta.in_chans, meta.input_size, meta.input_size, generator=torch.Generator().manual_seed(0))
@@ -335,8 +338,6 @@ def load_model(path: str | Path | None = None, device: str | None = None, bf16: 
     ``bf16``: None = where the hardware runs it natively (measured on a bf16-native 2-core CPU, shipped
     model, 1034 validation films: max |dp| 0.0073 against fp32, 0 decisions changed, predict 1.4x faster);
     ``CXR_BF16=0`` forces fp32 (scores reproducible to 1e-6 across machines)."""
-    if bf16 is None and os.environ.get("CXR_BF16", "").strip() in ("0", "1"):
-        bf16 = os.environ["CXR_BF16"].strip() == "1"
     directory = Path(path) if path is not None else default_model_dir()
     net, meta = load_artifact(directory)
     gate = Gate.load(directory, meta.gate) if meta.gate else None

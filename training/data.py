@@ -292,7 +292,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 # How devices and export tools shrink an image: box averaging, or antialiased (triangle / cubic) filters as
-# PIL's and most viewers' resize use. Training on one kernel left 2x PIL down/up-sampling a tail of its own.
+# PIL's and most viewers' resize use (box alone was trained until v5; v6, trained on all three among other
+# changes, cut the 2x PIL down/up-sampling max from 0.122 to 0.093: docs/recipes.md).
 RESAMPLERS = ({"mode": "area"}, {"mode": "bilinear", "antialias": True, "align_corners": False},
               {"mode": "bicubic", "antialias": True, "align_corners": False})
 
