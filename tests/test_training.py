@@ -158,6 +158,18 @@ def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
 
 
 
+def test_consistency_weight_ramps_from_zero_only_when_asked():
+    """From scratch the invariance term ramps in over --consistency-warmup epochs; fine-tuning starts at full weight."""
+    args = train_cli.get_args_parser().parse_args(["--out", "x", "--consistency", "40", "--consistency-warmup", "2"])
+    steps = 100
+    ramp = [train_cli.consistency_weight(args, e, s, steps) for e in range(4) for s in range(0, steps, 25)]
+    assert ramp[0] == 0.0 and all(b >= a for a, b in zip(ramp, ramp[1:]))  # starts at 0, never falls
+    assert train_cli.consistency_weight(args, 1, 0, steps) == 20.0  # halfway through the ramp: half the weight
+    assert train_cli.consistency_weight(args, 2, 0, steps) == 40.0 == max(ramp)  # full weight from then on
+    fine_tune = train_cli.get_args_parser().parse_args(["--out", "x", "--consistency", "40"])
+    assert train_cli.consistency_weight(fine_tune, 0, 0, steps) == 40.0
+
+
 def test_served_consistency_pulls_where_the_served_probability_moves():
     """The same log-odds shift costs most where the calibrated p is near 0.5 and almost nothing on a confident
     film; the loss is the squared change of exactly the probability the app shows."""

@@ -116,6 +116,18 @@ def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = 
     return diff.pow(2).mean() / log_odds.var(unbiased=False).clamp(min=1e-3)
 
 
+def consistency_weight(args, epoch: int, step: int, steps: int) -> float:
+    """The consistency weight at this step: ramped linearly over ``--consistency-warmup`` epochs.
+
+    Why: from scratch, a random network's log-odds move with any perturbation as much as they differ
+    between films, so a full-weight invariance term (40 x ~1) drowns the classification loss before there
+    is anything to keep invariant (the Pi-model / mean-teacher ramp-up). Fine-tuning starts at full weight.
+    """
+    if args.consistency_warmup <= 0:
+        return args.consistency
+    return args.consistency * min(1.0, (epoch + step / max(steps, 1)) / args.consistency_warmup)
+
+
 def served_consistency_loss(logits: torch.Tensor, reference: torch.Tensor, temperature: float, bias: float) -> torch.Tensor:
     """Squared difference of the *served* (calibrated) probabilities of a film and its perturbed copy.
 
@@ -133,7 +145,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
     model.train()
     total, n, seen, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(args) or args.quiet, leave=False)
-    for images, target in bar:
+    for step, (images, target) in enumerate(bar):
         images, target = images.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
         with autocast(args):
             if images.ndim == 5:  # (film, same film exported differently): CE on the second, both scored alike
@@ -141,8 +153,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
                 with torch.no_grad():
                     reference_logits = model(reference).float()
                 logits = model(images).float()
-                loss = criterion(logits, target) + args.consistency * consistency_loss(logits, reference_logits,
-                                                                                      args.consistency_loss)
+                weight = consistency_weight(args, epoch, step, len(loader))
+                loss = criterion(logits, target) + weight * consistency_loss(logits, reference_logits, args.consistency_loss)
                 if args.served_consistency > 0:
                     loss = loss + args.served_consistency * served_consistency_loss(logits, reference_logits,
                                                                                     *args.served_calibration)
@@ -252,6 +264,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--consistency-loss", default="logit", choices=("logit", "kl"),
                    help="logit: squared log-odds difference over the batch's log-odds variance (scale-free, holds where the "
                         "served boundary is); kl: KL of the softmax")
+    p.add_argument("--consistency-warmup", default=0.0, type=float,
+                   help="epochs over which the consistency weight ramps linearly from 0 (training from scratch)")
     p.add_argument("--served-consistency", default=0.0, type=float,
                    help="weight of a second consistency term on the served (calibrated) probability, with the "
                         "--init-from model's calibration: pulls hardest on films near the decision boundary; 0 disables")
@@ -505,7 +519,7 @@ def main(args) -> Path | None:
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "match_spectrum", "perturb_p", "consistency", "consistency_loss",
-                                                               "served_consistency",
+                                                               "consistency_warmup", "served_consistency",
                                                                "amp")},
         },
     )
