@@ -107,7 +107,24 @@ def bench_model(model_dir: Path, n: int) -> dict:
     ours_c, naive_c = interleaved(lambda: clf.analyze(pick(), method="gradcam"), naive_cam, max(5, n // 2))
     out["naive"] = {"predict_ms": naive_p, "predict_gradcam_ms": naive_c, "ours_predict_ms": ours_p, "ours_gradcam_ms": ours_c}
     out["fold"] = bench_fold(model_dir, blobs, x, n)
+    out["precision"] = bench_precision(model_dir, blobs, x, n)
     return out
+
+
+def bench_precision(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict | None:
+    """bf16 (served where the CPU runs it natively) vs fp32, interleaved; None where bf16 is not native."""
+    from model.classifier import _fast_bf16
+
+    if not _fast_bf16(torch.device("cpu")):
+        return None
+    bf16, fp32 = (model.load_model(model_dir, bf16=b) for b in (True, False))
+    i = iter(range(10**9))
+    pick = lambda: blobs[next(i) % len(blobs)]  # noqa: E731
+    b1, f1 = interleaved(lambda: bf16.predict_proba(pick()), lambda: fp32.predict_proba(pick()), n)
+    batch = x.repeat((32 + len(x) - 1) // len(x), 1, 1, 1)[:32]
+    b32, f32 = interleaved(lambda: bf16.predict_tensor(batch), lambda: fp32.predict_tensor(batch), max(3, n // 4))
+    diff = float(np.abs(bf16.predict_tensor(batch) - fp32.predict_tensor(batch)).max())
+    return {"predict_ms": {"bf16": b1, "fp32": f1}, "batch32_ms": {"bf16": b32, "fp32": f32}, "max_abs_dp": diff}
 
 
 def bench_fold(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict:
@@ -310,7 +327,7 @@ def render(results: dict) -> str:
                      "<= 150 ms" if meth == "gradcam" else ""))
     for bs, v in m.get("batch_img_s", {}).items():
         rows.append((f"batch throughput, batch {bs}", f"{v:.0f} img/s", ">= 60 img/s" if int(bs) == 32 else ""))
-    nv, fo = m.get("naive"), m.get("fold")
+    nv, fo, pr = m.get("naive"), m.get("fold"), m.get("precision")
     if nv:
         rows += [_versus(f"naive eager reference vs ours, interleaved: {what} (p50)", nv[a]["p50"], nv[b]["p50"], "naive/ours")
                  for what, a, b in (("predict", "predict_ms", "ours_predict_ms"),
@@ -321,6 +338,12 @@ def render(results: dict) -> str:
         plain, folded = fo["batch32_ms"]["plain"]["p50"], fo["batch32_ms"]["folded"]["p50"]
         rows.append(("BatchNorm folded (served) vs not, interleaved: batch 32 (p50)", f"{32000 / folded:.0f} vs {32000 / plain:.0f} img/s",
                      f"ratio {plain / folded:.2f}; max |dp| {fo['max_abs_dp']:.1e}"))
+    if pr:
+        rows.append(_versus("fp32 vs bf16 (served on this CPU), interleaved: predict (p50)", pr["predict_ms"]["fp32"]["p50"],
+                            pr["predict_ms"]["bf16"]["p50"], "fp32/bf16"))
+        f32, b32 = pr["batch32_ms"]["fp32"]["p50"], pr["batch32_ms"]["bf16"]["p50"]
+        rows.append(("bf16 (served) vs fp32, interleaved: batch 32 (p50)", f"{32000 / b32:.0f} vs {32000 / f32:.0f} img/s",
+                     f"ratio {f32 / b32:.2f}; max |dp| {pr['max_abs_dp']:.1e}"))
     if "server" in results and results["server"]:
         rows.append(("server-side upload -> rendered result (AppTest, p50)", f"{results['server']['p50_s']:.2f} s", "<= 1 s"))
     for label, r in b.items():

@@ -90,7 +90,7 @@ def _decoded(image) -> tuple[np.ndarray, float, dict]:
 
 
 def _fast_bf16(device: torch.device) -> bool:
-    """bf16 autocast only where the hardware runs it natively (~2x); elsewhere (AVX2-only CPUs) it
+    """bf16 only where the hardware runs it natively (~2x); elsewhere (AVX2-only CPUs) it
     is ~10x slower than fp32, measured."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -115,6 +115,8 @@ class Classifier:
         if fold_bn:  # same outputs (checked on a probe), ~1.1-1.2x faster on CPU: see model/fuse.py
             probe = torch.randn(2, meta.in_chans, meta.input_size, meta.input_size, generator=torch.Generator().manual_seed(0))
             net, _ = fold_batchnorm(net, probe.to(self.device))
+        if self.bf16:  # weights stored in bf16: autocast would re-cast every weight on every call (1.26x, measured)
+            net = net.to(torch.bfloat16)
         self._net = net.to(memory_format=torch.channels_last)
         for p in self._net.parameters():
             p.requires_grad_(False)
@@ -172,8 +174,9 @@ class Classifier:
         """Normalised N x C x S x S -> (logits, tapped activations), under inference mode."""
         self._local.store = {}
         try:
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-                x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                dtype = torch.bfloat16 if self.bf16 else torch.float32
+                x = x.to(self.device, dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 logits = self._net(x).float()
             return logits, self._local.store
         finally:
@@ -251,7 +254,7 @@ class Classifier:
         if method not in CAM_METHODS:
             raise ValueError(f"Unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}.")
         if self._cam_net is None:
-            self._cam_net = copy.deepcopy(self._net).to(memory_format=torch.contiguous_format)
+            self._cam_net = copy.deepcopy(self._net).float().to(memory_format=torch.contiguous_format)  # gradients in fp32
             for p in self._cam_net.parameters():
                 p.requires_grad_(True)
         key = (method, layer)

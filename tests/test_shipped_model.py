@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import model
 from model.metrics import threshold_metrics
@@ -44,7 +45,7 @@ def test_fixed_sample_reproduces_recorded_scores(shipped, report, data_dir):
 
 
 def test_bf16_serving_stays_near_fp32(shipped, report, data_dir):
-    """Where bf16 autocast serves (bf16-native CPUs, CUDA) the score may move only by rounding, never the decision
+    """Where bf16 serves (bf16-native CPUs, CUDA) the score may move only by rounding, never the decision
     (measured on all 1034 validation films: max |dp| 0.0073, no decision changed). Runs on any CPU (slowly
     where bf16 is emulated), so the check does not depend on the machine CI lands on."""
     items = sorted(report["items"], key=lambda it: it["file"])[::8]
@@ -57,6 +58,11 @@ def test_bf16_serving_stays_near_fp32(shipped, report, data_dir):
     t = shipped.threshold
     near = np.abs(p32 - t) > 0.02  # films farther from the threshold than the rounding can move
     assert ((p16 >= t) == (p32 >= t))[near].all()
+    assert all(p.dtype == torch.bfloat16 for p in fast._net.parameters())  # stored in bf16, not re-cast per call
+    # heatmaps: the fast CAM reads bf16 activations; pytorch-grad-cam's gradients run on an fp32 copy
+    for method in ("gradcam", "layercam"):
+        h16, h32 = fast.explain(films[0], method=method), shipped.explain(films[0], method=method)
+        assert h16.shape == h32.shape and np.corrcoef(h16.ravel(), h32.ravel())[0, 1] > 0.95, method
 
 
 def test_precision_switch_from_the_environment(monkeypatch):
