@@ -29,6 +29,9 @@ def train(out: Path, data_dir: Path, cache: Path, *extra: str) -> Path:
     return train_cli.main(args)
 
 
+TWO_EPOCHS = ("--epochs", "2", "--consistency-warmup", "1", "--clip-grad-norm", "1.0")
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -36,8 +39,8 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, cache):
-    """Two epochs, trained once for the whole module."""
-    return train(tmp_path_factory.mktemp("run") / "a", data_dir, cache, "--epochs", "2")
+    """Two epochs, trained once for the whole module (with the from-scratch stabilisers on: consistency ramp, clipping)."""
+    return train(tmp_path_factory.mktemp("run") / "a", data_dir, cache, *TWO_EPOCHS)
 
 
 def read_history(out: Path) -> list[dict]:
@@ -60,6 +63,7 @@ def test_smoke_run_writes_a_loadable_artifact(trained):
     assert set(meta.operating_points) == {"youden", "high_sensitivity", "screening"}
     assert meta.threshold == meta.operating_points["screening"]
     assert meta.training["epochs_run"] == 2 and len(read_history(trained)) == 2
+    assert meta.training["hyperparameters"]["clip_grad_norm"] == 1.0 and meta.training["hyperparameters"]["consistency_warmup"] == 1.0
     assert {"train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds"} <= set(read_history(trained)[0])
     report = json.loads((trained / "report.json").read_text())
     assert report["data"]["n"] == meta.training["val_images"]
@@ -94,15 +98,15 @@ def test_report_scores_reproduce_through_the_public_api(trained, data_dir):
 
 
 def test_same_seed_same_metrics(trained, data_dir, cache, tmp_path):
-    again = train(tmp_path / "b", data_dir, cache, "--epochs", "2")
+    again = train(tmp_path / "b", data_dir, cache, *TWO_EPOCHS)
     assert comparable(read_history(again)) == comparable(read_history(trained))
 
 
 def test_resume_replays_the_uninterrupted_run(trained, data_dir, cache, tmp_path):
     out = tmp_path / "c"
-    train(out, data_dir, cache, "--epochs", "2", "--stop-after", "1")  # an interrupted run
+    train(out, data_dir, cache, *TWO_EPOCHS, "--stop-after", "1")  # an interrupted run
     assert len(read_history(out)) == 1
-    resumed = train(out, data_dir, cache, "--epochs", "2", "--resume", str(out / "checkpoint.pt"))
+    resumed = train(out, data_dir, cache, *TWO_EPOCHS, "--resume", str(out / "checkpoint.pt"))
     assert comparable(read_history(resumed)) == comparable(read_history(trained))
 
 

@@ -163,10 +163,15 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if args.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if args.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             optimizer.step()
         scheduler.step()
         if ema is not None:
@@ -252,6 +257,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", default=0.05, type=float)
     p.add_argument("--warmup-epochs", default=1.0, type=float)
     p.add_argument("--label-smoothing", default=0.05, type=float)
+    p.add_argument("--clip-grad-norm", default=0.0, type=float,
+                   help="clip the gradient norm to this (0: off); keeps a from-scratch run with consistency stable")
     p.add_argument("--equalize", default=True, action=argparse.BooleanOptionalAction,
                    help="histogram-equalise every input (invariance to gamma, contrast, window/level by construction)")
     p.add_argument("--match-spectrum", default=True, action=argparse.BooleanOptionalAction,
@@ -519,7 +526,7 @@ def main(args) -> Path | None:
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "match_spectrum", "perturb_p", "consistency", "consistency_loss",
-                                                               "consistency_warmup", "served_consistency",
+                                                               "consistency_warmup", "served_consistency", "clip_grad_norm",
                                                                "amp")},
         },
     )
