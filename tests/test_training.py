@@ -65,6 +65,9 @@ def test_smoke_run_writes_a_loadable_artifact(trained):
     assert meta.training["epochs_run"] == 2 and len(read_history(trained)) == 2
     assert meta.training["hyperparameters"]["clip_grad_norm"] == 1.0 and meta.training["hyperparameters"]["consistency_warmup"] == 1.0
     assert {"train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds"} <= set(read_history(trained)[0])
+    for row in read_history(trained):  # the invariance term's share is logged apart: it can dominate the loss
+        assert 0.0 <= row["train_consistency"] < row["train_loss"]
+    assert read_history(trained)[1]["train_consistency"] > 0  # ramped in over epoch 1, at full weight after
     report = json.loads((trained / "report.json").read_text())
     assert report["data"]["n"] == meta.training["val_images"]
     assert meta.metrics["auc"] == report["auc"]["value"]

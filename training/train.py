@@ -143,7 +143,7 @@ def served_consistency_loss(logits: torch.Tensor, reference: torch.Tensor, tempe
 
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None) -> dict:
     model.train()
-    total, n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    total, invariance, n, seen, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(args) or args.quiet, leave=False)
     for step, (images, target) in enumerate(bar):
         images, target = images.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
@@ -154,7 +154,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
                     reference_logits = model(reference).float()
                 logits = model(images).float()
                 weight = consistency_weight(args, epoch, step, len(loader))
-                loss = criterion(logits, target) + weight * consistency_loss(logits, reference_logits, args.consistency_loss)
+                term = weight * consistency_loss(logits, reference_logits, args.consistency_loss)
+                invariance += term.item() * len(target)
+                loss = criterion(logits, target) + term
                 if args.served_consistency > 0:
                     loss = loss + args.served_consistency * served_consistency_loss(logits, reference_logits,
                                                                                     *args.served_calibration)
@@ -182,7 +184,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
         rate = seen / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{total / n:.4f}", img_s=f"{rate:.1f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     seconds = time.perf_counter() - t0
-    return {"train_loss": all_reduce_mean(args, total / max(n, 1), n), "train_seconds": seconds,
+    return {"train_loss": all_reduce_mean(args, total / max(n, 1), n),
+            "train_consistency": all_reduce_mean(args, invariance / max(n, 1), n),  # its weighted share of train_loss
+            "train_seconds": seconds,
             "train_img_per_s": seen / seconds}
 
 
@@ -461,7 +465,7 @@ def main(args) -> Path | None:
                         "state": {n_: t.detach().cpu().clone() for n_, t in src.state_dict().items()}}
                 improved = True
         history.append(row)
-        log(f"epoch {epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+        log(f"epoch {epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f} (consistency {row['train_consistency']:.4f})  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}" + (f"  ema_auc {row['val_auc_ema']:.4f}" if ema is not None else "")
             + f"  {row['train_img_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *" if improved else ""))
         if is_main(args):
