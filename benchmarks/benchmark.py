@@ -111,20 +111,25 @@ def bench_model(model_dir: Path, n: int) -> dict:
     return out
 
 
+def versus(clfs: dict, blobs: list[bytes], x: torch.Tensor, n: int) -> dict:
+    """Two classifiers (name -> Classifier), interleaved: one-file predict, batch 32, and how far their scores differ."""
+    (a_name, a), (b_name, b) = clfs.items()
+    i = iter(range(10**9))
+    pick = lambda: blobs[next(i) % len(blobs)]  # noqa: E731
+    a1, b1 = interleaved(lambda: a.predict_proba(pick()), lambda: b.predict_proba(pick()), n)
+    batch = x.repeat((32 + len(x) - 1) // len(x), 1, 1, 1)[:32]
+    a32, b32 = interleaved(lambda: a.predict_tensor(batch), lambda: b.predict_tensor(batch), max(3, n // 4))
+    diff = float(np.abs(a.predict_tensor(batch) - b.predict_tensor(batch)).max())
+    return {"predict_ms": {a_name: a1, b_name: b1}, "batch32_ms": {a_name: a32, b_name: b32}, "max_abs_dp": diff}
+
+
 def bench_precision(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict | None:
     """bf16 (served where the CPU runs it natively) vs fp32, interleaved; None where bf16 is not native."""
     from model.classifier import _fast_bf16
 
     if not _fast_bf16(torch.device("cpu")):
         return None
-    bf16, fp32 = (model.load_model(model_dir, bf16=b) for b in (True, False))
-    i = iter(range(10**9))
-    pick = lambda: blobs[next(i) % len(blobs)]  # noqa: E731
-    b1, f1 = interleaved(lambda: bf16.predict_proba(pick()), lambda: fp32.predict_proba(pick()), n)
-    batch = x.repeat((32 + len(x) - 1) // len(x), 1, 1, 1)[:32]
-    b32, f32 = interleaved(lambda: bf16.predict_tensor(batch), lambda: fp32.predict_tensor(batch), max(3, n // 4))
-    diff = float(np.abs(bf16.predict_tensor(batch) - fp32.predict_tensor(batch)).max())
-    return {"predict_ms": {"bf16": b1, "fp32": f1}, "batch32_ms": {"bf16": b32, "fp32": f32}, "max_abs_dp": diff}
+    return versus({"bf16": model.load_model(model_dir, bf16=True), "fp32": model.load_model(model_dir, bf16=False)}, blobs, x, n)
 
 
 def bench_fold(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict:
@@ -135,14 +140,8 @@ def bench_fold(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> 
 
     net, meta = load_artifact(model_dir)
     gate = Gate.load(model_dir, meta.gate) if meta.gate else None
-    folded, plain = (Classifier(net, meta, model_dir, gate=gate, fold_bn=f) for f in (True, False))
-    i = iter(range(10**9))
-    pick = lambda: blobs[next(i) % len(blobs)]  # noqa: E731
-    f1, p1 = interleaved(lambda: folded.predict_proba(pick()), lambda: plain.predict_proba(pick()), n)
-    batch = x.repeat((32 + len(x) - 1) // len(x), 1, 1, 1)[:32]
-    f32, p32 = interleaved(lambda: folded.predict_tensor(batch), lambda: plain.predict_tensor(batch), max(3, n // 4))
-    diff = float(np.abs(folded.predict_tensor(batch) - plain.predict_tensor(batch)).max())
-    return {"predict_ms": {"folded": f1, "plain": p1}, "batch32_ms": {"folded": f32, "plain": p32}, "max_abs_dp": diff}
+    return versus({"folded": Classifier(net, meta, model_dir, gate=gate, fold_bn=True),
+                   "plain": Classifier(net, meta, model_dir, gate=gate, fold_bn=False)}, blobs, x, n)
 
 
 def naive_functions(model_dir: Path, meta, blobs):

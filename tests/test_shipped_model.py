@@ -59,6 +59,12 @@ def test_bf16_serving_stays_near_fp32(shipped, report, data_dir):
     near = np.abs(p32 - t) > 0.02  # films farther from the threshold than the rounding can move
     assert ((p16 >= t) == (p32 >= t))[near].all()
     assert all(p.dtype == torch.bfloat16 for p in fast._net.parameters())  # stored in bf16, not re-cast per call
+    from model.artifact import load_artifact
+    from model.classifier import Classifier
+
+    net, meta = load_artifact(SHIPPED)
+    Classifier(net, meta, bf16=True, fold_bn=False)
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the caller's network is not converted
     # heatmaps: the fast CAM reads bf16 activations; pytorch-grad-cam's gradients run on an fp32 copy
     for method in ("gradcam", "layercam"):
         h16, h32 = fast.explain(films[0], method=method), shipped.explain(films[0], method=method)
