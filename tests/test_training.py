@@ -369,3 +369,40 @@ def test_cli_help_shows_defaults(module, default):
 
     help_text = importlib.import_module(f"training.{module}").get_args_parser().format_help()
     assert default in help_text and "(default: None)" in help_text
+
+
+def test_recipe_stages_chain_and_resume(tmp_path):
+    """training.recipe: each stage starts from the one before (same split), extra flags reach every stage,
+    and an interrupted stage resumes from its checkpoint instead of starting over."""
+    from training import recipe
+
+    args = recipe.get_args_parser().parse_args(["--data-dir", "D", "--out", str(tmp_path), "--split-file", "S.csv",
+                                                "--epochs-scale", "0.5"])
+    (tmp_path / "3-spectrum").mkdir()
+    (tmp_path / "3-spectrum" / train_cli.CHECKPOINT_FILE).write_bytes(b"")
+    lines = recipe.stage_args(args, ["--quiet"])
+    assert len(lines) == len(recipe.STAGES) == 4
+    assert "--split-file" in lines[0] and "--init-from" not in lines[0]
+    for prev, line in zip(recipe.STAGES, lines[1:]):
+        assert line[line.index("--init-from") + 1] == str(tmp_path / prev[0]) and "--split-file" not in line
+    assert [line[line.index("--epochs") + 1] for line in lines] == ["8", "2", "2", "2"]  # 16, 4, 5, 3 halved (>= 1)
+    assert all(line[-1] == "--quiet" for line in lines)
+    assert [("--resume" in line) for line in lines] == [False, False, True, False]
+    for line in lines:  # every stage's command line is one training.train accepts
+        train_cli.get_args_parser().parse_args(line)
+
+
+def test_recipe_runs_end_to_end(tmp_path, data_dir, cache):
+    from training import recipe
+
+    args = recipe.get_args_parser().parse_args(["--data-dir", str(data_dir), "--out", str(tmp_path / "r"),
+                                                "--epochs-scale", "0.01"])
+    out = recipe.main(args, [*SMALL, "--cache-dir", str(cache)])
+    clf = model.load_model(out)
+    stages = [json.loads((out / name / "model.json").read_text())["training"] for name, _ in recipe.STAGES]
+    assert clf.meta.weights_sha256 == json.loads((out / recipe.STAGES[-1][0] / "model.json").read_text())["weights_sha256"]
+    assert [s.get("initialised_from", {}).get("path") for s in stages] == [None] + [str(out / n) for n, _ in recipe.STAGES[:-1]]
+    assert not stages[0]["hyperparameters"]["equalize"] and stages[-1]["hyperparameters"]["consistency"] == 40
+    assert set(json.loads((out / "recipe.json").read_text())["training_wall_seconds"]) == {n for n, _ in recipe.STAGES}
+    again = recipe.main(args, [*SMALL, "--cache-dir", str(cache)])  # finished stages are skipped: nothing retrains
+    assert model.load_model(again).meta.weights_sha256 == clf.meta.weights_sha256
