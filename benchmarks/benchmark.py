@@ -331,18 +331,15 @@ def render(results: dict) -> str:
         rows += [_versus(f"naive eager reference vs ours, interleaved: {what} (p50)", nv[a]["p50"], nv[b]["p50"], "naive/ours")
                  for what, a, b in (("predict", "predict_ms", "ours_predict_ms"),
                                     ("predict + Grad-CAM", "predict_gradcam_ms", "ours_gradcam_ms"))]
-    if fo:
-        rows.append(_versus("BatchNorm not folded vs folded (served), interleaved: predict (p50)", fo["predict_ms"]["plain"]["p50"],
-                            fo["predict_ms"]["folded"]["p50"], "plain/folded"))
-        plain, folded = fo["batch32_ms"]["plain"]["p50"], fo["batch32_ms"]["folded"]["p50"]
-        rows.append(("BatchNorm folded (served) vs not, interleaved: batch 32 (p50)", f"{32000 / folded:.0f} vs {32000 / plain:.0f} img/s",
-                     f"ratio {plain / folded:.2f}; max |dp| {fo['max_abs_dp']:.1e}"))
-    if pr:
-        rows.append(_versus("fp32 vs bf16 (served on this CPU), interleaved: predict (p50)", pr["predict_ms"]["fp32"]["p50"],
-                            pr["predict_ms"]["bf16"]["p50"], "fp32/bf16"))
-        f32, b32 = pr["batch32_ms"]["fp32"]["p50"], pr["batch32_ms"]["bf16"]["p50"]
-        rows.append(("bf16 (served) vs fp32, interleaved: batch 32 (p50)", f"{32000 / b32:.0f} vs {32000 / f32:.0f} img/s",
-                     f"ratio {f32 / b32:.2f}; max |dp| {pr['max_abs_dp']:.1e}"))
+    for pair, what, (fast, slow) in ((fo, "BatchNorm folded (served) vs not", ("folded", "plain")),
+                                     (pr, "bf16 (served on this CPU) vs fp32", ("bf16", "fp32"))):
+        if not pair:
+            continue
+        rows.append(_versus(f"{what}, interleaved: predict (p50), {slow} vs {fast}", pair["predict_ms"][slow]["p50"],
+                            pair["predict_ms"][fast]["p50"], f"{slow}/{fast}"))
+        s32, f32 = pair["batch32_ms"][slow]["p50"], pair["batch32_ms"][fast]["p50"]
+        rows.append((f"{what}, interleaved: batch 32 (p50)", f"{32000 / f32:.0f} vs {32000 / s32:.0f} img/s",
+                     f"ratio {s32 / f32:.2f}; max |dp| {pair['max_abs_dp']:.1e}"))
     if "server" in results and results["server"]:
         rows.append(("server-side upload -> rendered result (AppTest, p50)", f"{results['server']['p50_s']:.2f} s", "<= 1 s"))
     for label, r in b.items():
