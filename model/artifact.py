@@ -47,6 +47,8 @@ class ModelMeta:
     in_chans: int = 1
     equalize: bool = False  # histogram-equalise each input before mean/std (see preprocessing.equalize)
     spectrum: list[float] | None = None  # reference amplitude per frequency ring (preprocessing.match_spectrum); None: off
+    equalize_sigma: float = 0.0  # equalisation mapping read from a copy smoothed by this many pixels; 0: the film itself
+    band_limit: float | None = None  # Gaussian low-pass, sigma in units of Nyquist (preprocessing.match_spectrum); None: off
     temperature: float = 1.0  # calibration: P = sigmoid((logit_pos - logit_neg) / temperature + bias)
     bias: float = 0.0
     threshold: float = 0.5
@@ -72,7 +74,7 @@ class ModelMeta:
         """The model's input normalisation, from its own metadata (the one call every path makes)."""
         from .preprocessing import normalize
 
-        return normalize(gray_sq, self.mean, self.std, self.equalize, self.spectrum)
+        return normalize(gray_sq, self.mean, self.std, self.equalize, self.spectrum, self.equalize_sigma, self.band_limit)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -101,6 +103,13 @@ class ModelMeta:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in meta.spectrum)
             if not ok:
                 raise ModelArtifactError(f"{META_FILE}: spectrum must be {SPECTRUM_RINGS + 1} positive numbers.")
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (number(meta.equalize_sigma) and 0 <= meta.equalize_sigma <= 16):
+            raise ModelArtifactError(f"{META_FILE}: equalize_sigma must be a number from 0 to 16 (pixels).")
+        if meta.band_limit is not None and not (number(meta.band_limit) and 0 < meta.band_limit <= 4):
+            raise ModelArtifactError(f"{META_FILE}: band_limit must be null or a number in (0, 4] (units of Nyquist).")
         if meta.positive_class not in meta.class_names:
             raise ModelArtifactError(f"positive_class {meta.positive_class!r} is not among {meta.class_names}.")
         return meta

@@ -6,8 +6,8 @@ Three stages, each usable alone so callers can cache or display intermediate res
                                      .format, .colorfulness, .dicom (technical tags)
     decode_image(source)          -> decode(source).gray
     resize_square(gray, size)     -> uint8 grayscale S x S   (what the training cache stores)
-    normalize(gray_sq, mean, std, equalize_hist, spectrum) -> float32 tensor 1 x S x S
-                                     (optionally rank-equalised, then spectrum-matched, first)
+    normalize(gray_sq, mean, std, ...) -> float32 tensor 1 x S x S
+                                     (optionally rank-equalised, spectrum-matched and band-limited first)
 
 ``preprocess`` chains them. Any decoding problem raises :class:`InvalidImageError` with a message a
 person can act on; nothing else escapes for bad input.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import warnings
 import zlib
@@ -587,18 +588,39 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(gray, "L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def equalize(gray_sq: torch.Tensor) -> torch.Tensor:
+def _smoothed_levels(gray_sq: torch.Tensor, sigma: float) -> torch.Tensor:
+    """uint8 levels of a Gaussian-smoothed copy (sigma in pixels, reflected edges), same shape."""
+    import torch.nn.functional as F
+
+    h, w = gray_sq.shape[-2:]
+    r = min(math.ceil(3 * sigma), h - 1, w - 1)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k /= k.sum()
+    x = F.pad(gray_sq.reshape(-1, 1, h, w).float(), (r, r, r, r), mode="reflect")
+    x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))  # separable: 2 x 13 taps, not 169
+    return x.round_().clamp_(0, 255).to(torch.uint8).reshape(gray_sq.shape)
+
+
+def equalize(gray_sq: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
     """Histogram-equalise uint8 images (..., H, W), each on its own, to float in [0, 1].
 
     Why: a pixel's rank within its film survives gamma, contrast, window/level and min-max stretch,
     so a model fed ranks cannot be moved by how the film was exported (only by what clips or blurs).
+    ``sigma`` > 0 reads the mapping from a Gaussian-smoothed copy (sigma pixels) and applies it to the
+    film itself: sharpening, noise and JPEG spread a film's histogram at fine scale, and a mapping read
+    from the full-resolution histogram passes that on as a shift of whole regions (measured: a quarter
+    of what sharpening still changed after spectrum matching sat in the lowest frequency ring).
     """
     shape = gray_sq.shape
     x = gray_sq.reshape(-1, shape[-2] * shape[-1]).long()
-    hist = torch.zeros(x.shape[0], 256, dtype=torch.float32).scatter_add_(1, x, torch.ones_like(x, dtype=torch.float32))
+    src = x if sigma <= 0 else _smoothed_levels(gray_sq, sigma).reshape(x.shape).long()
+    hist = torch.zeros(x.shape[0], 256, dtype=torch.float32).scatter_add_(1, src, torch.ones_like(src, dtype=torch.float32))
     cdf = hist.cumsum_(1)
-    cdf_min = cdf.gather(1, x.min(dim=1, keepdim=True).values)  # pixels at the darkest level map to 0
+    cdf_min = cdf.gather(1, src.min(dim=1, keepdim=True).values)  # pixels at the darkest level map to 0
     out = (cdf.gather(1, x) - cdf_min) / (x.shape[1] - cdf_min).clamp_(min=1.0)
+    if sigma > 0:  # levels outside the smoothed copy's range
+        out = out.clamp_(0.0, 1.0)
     return out.reshape(shape)
 
 
@@ -632,7 +654,12 @@ def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_spectrum(x)[2])
 
 
-def match_spectrum(x: torch.Tensor, reference) -> torch.Tensor:
+def _band(h: int, w: int, band_limit: float) -> np.ndarray:
+    r = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2) / 0.5  # in units of Nyquist
+    return np.exp(-0.5 * (r / band_limit) ** 2).astype(np.float32)
+
+
+def match_spectrum(x: torch.Tensor, reference=None, band_limit: float | None = None) -> torch.Tensor:
     """Give each image the reference's amplitude per frequency ring (phases, i.e. the anatomy, untouched).
 
     Why: blur, sharpening and a softer device are, to first order, linear filters - they multiply the
@@ -640,29 +667,41 @@ def match_spectrum(x: torch.Tensor, reference) -> torch.Tensor:
     that curve out, as equalisation divides out gamma and window/level. Gains are clamped
     (``SPECTRUM_GAIN``) so noise where a filter erased everything is not amplified. Cost: 1-2 ms per
     192 px image (numpy's single-threaded FFT), 2% of a training step here.
+
+    ``band_limit`` (a Gaussian's sigma in units of the Nyquist frequency) then low-passes every input
+    alike, in the same transform: above about half the band a softer device or a 2x down/up-sampling
+    has erased the detail, and what matching would restore there is interpolation residue, which
+    differs from export to export; a model that is not shown that band cannot be moved by it.
+    ``reference=None`` low-passes only.
     """
     mean, spec, rings_amp = _spectrum(x)
     h, w = x.shape[-2:]
-    gain = np.clip(np.asarray(reference, dtype=np.float32) / np.maximum(rings_amp, 1e-6), *SPECTRUM_GAIN)
-    gain[..., 0] = 1.0  # the lowest ring carries the film's overall layout, not its sharpness
-    out = np.fft.irfft2(spec * gain[..., _rings(h, w)], s=(h, w)).astype(np.float32) + mean
+    if reference is None:
+        filt = np.ones(spec.shape[-2:], dtype=np.float32)
+    else:
+        gain = np.clip(np.asarray(reference, dtype=np.float32) / np.maximum(rings_amp, 1e-6), *SPECTRUM_GAIN)
+        gain[..., 0] = 1.0  # the lowest ring carries the film's overall layout, not its sharpness
+        filt = gain[..., _rings(h, w)]
+    if band_limit:
+        filt = filt * _band(h, w, float(band_limit))
+    out = np.fft.irfft2(spec * filt, s=(h, w)).astype(np.float32) + mean
     return torch.from_numpy(out).to(x.device)
 
 
 def normalize(gray_sq: np.ndarray | torch.Tensor, mean: float, std: float, equalize_hist: bool = False,
-              spectrum=None) -> torch.Tensor:
+              spectrum=None, equalize_sigma: float = 0.0, band_limit: float | None = None) -> torch.Tensor:
     """uint8 S x S (array or tensor, optionally with leading batch/channel axes) -> float 1 x S x S.
 
-    ``equalize_hist`` and ``spectrum`` are the model's own settings (``ModelMeta.equalize``,
-    ``ModelMeta.spectrum``): every caller passes them from the metadata, so training, evaluation and
-    serving see the same input.
+    ``equalize_hist``, ``equalize_sigma``, ``spectrum`` and ``band_limit`` are the model's own settings
+    (the ``ModelMeta`` fields of those names): every caller passes them from the metadata, so training,
+    evaluation and serving see the same input.
     """
     t = gray_sq if isinstance(gray_sq, torch.Tensor) else torch.from_numpy(np.array(gray_sq, dtype=np.uint8))
     if t.ndim == 2:
         t = t.unsqueeze(0)
-    x = equalize(t) if equalize_hist else t.float().div_(255.0)
-    if spectrum is not None:
-        x = match_spectrum(x, spectrum)
+    x = equalize(t, equalize_sigma) if equalize_hist else t.float().div_(255.0)
+    if spectrum is not None or band_limit:
+        x = match_spectrum(x, spectrum, band_limit)
     return (x - mean) / std
 
 
@@ -672,6 +711,6 @@ def load_square(source: ImageSource, size: int) -> np.ndarray:
 
 
 def preprocess(source: ImageSource, size: int, mean: float, std: float, equalize_hist: bool = False,
-               spectrum=None) -> torch.Tensor:
+               spectrum=None, equalize_sigma: float = 0.0, band_limit: float | None = None) -> torch.Tensor:
     """Any supported input -> float32 tensor 1 x size x size, normalised with the model's stats."""
-    return normalize(load_square(source, size), mean, std, equalize_hist, spectrum)
+    return normalize(load_square(source, size), mean, std, equalize_hist, spectrum, equalize_sigma, band_limit)

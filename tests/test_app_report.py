@@ -212,8 +212,12 @@ def test_model_line_names_the_input_steps_the_metadata_sets():
         equalize, spectrum = True, [1.0] * 25
 
     assert "histogram-equalised and spectrum-matched" in card.model_line("m", M())
-    M.equalize, M.spectrum = False, None
-    assert "equalised" not in card.model_line("m", M()) and "spectrum" not in card.model_line("m", M())
+    M.equalize_sigma, M.band_limit = 2.0, 0.35
+    assert ("histogram-equalised (mapping from a 2 px smoothed copy), spectrum-matched to its training films and "
+            "low-passed (Gaussian, sigma 0.35 x Nyquist)") in card.model_line("m", M())
+    M.equalize, M.spectrum, M.band_limit = False, None, None
+    line = card.model_line("m", M())
+    assert "equalised" not in line and "spectrum" not in line and "low-passed" not in line
 
 
 def test_md_escape_neutralises_markup():

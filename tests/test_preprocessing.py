@@ -330,3 +330,89 @@ def test_artifact_refuses_a_malformed_spectrum(tmp_path):
             model.load_model(d)
     (d / "model.json").write_text(json.dumps({**meta, "spectrum": [1.0] * 25}))
     assert model.load_model(d).meta.spectrum == [1.0] * 25
+
+
+# ---- smoothed equalisation and band limit (sharpening, noise, softer devices) -----------------------
+
+
+def _unsharp(g: np.ndarray) -> np.ndarray:
+    from PIL import ImageFilter
+
+    return np.asarray(Image.fromarray(g).filter(ImageFilter.UnsharpMask(radius=2, percent=80, threshold=0)))
+
+
+def _down_up(g: np.ndarray) -> np.ndarray:
+    h, w = g.shape
+    return np.asarray(Image.fromarray(g).resize((w // 2, h // 2), Image.BILINEAR).resize((w, h), Image.BILINEAR))
+
+
+def test_smoothed_equalisation_keeps_sharpening_from_shifting_whole_regions(real_images):
+    """Read from the full-resolution histogram, the mapping passes a sharpened film's wider histogram on as a
+    change of the lowest frequencies (whole regions brighter or darker); read from a smoothed copy it does not."""
+    from model.preprocessing import _rings, equalize
+
+    ring0 = _rings(192, 192) == 0
+    ratios = []
+    for g in _films(real_images):
+        low = {}
+        for sigma in (0.0, 2.0):
+            a, b = (equalize(torch.from_numpy(resize_square(x, 192).copy()), sigma) for x in (_unsharp(g), g))
+            low[sigma] = float(np.abs(np.fft.rfft2((a - b).numpy()))[ring0].sum())
+        ratios.append(low[2.0] / low[0.0])
+    assert max(ratios) < 0.95 and np.mean(ratios) < 0.8, ratios  # measured: 0.57-0.91, mean 0.69
+
+
+def test_smoothed_equalisation_is_a_monotone_map_into_the_unit_range(real_images):
+    """Still one increasing mapping of the film's own levels (anatomy untouched), in [0, 1], invariant to
+    gamma up to what smoothing and uint8 rounding leave; a blank image stays finite; a batch gives what singles give."""
+    from model.preprocessing import equalize
+
+    g = resize_square(_films(real_images)[0], 192)
+    x = equalize(torch.from_numpy(g), 2.0)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.99
+    order = np.argsort(g.ravel(), kind="stable")
+    assert (np.diff(x.numpy().ravel()[order]) >= -1e-6).all()
+    gamma = np.clip(np.round((g / 255.0) ** 0.8 * 255), 0, 255).astype(np.uint8)
+    assert float((equalize(torch.from_numpy(gamma), 2.0) - x).abs().mean()) < 0.02
+    assert torch.isfinite(equalize(torch.zeros(1, 64, 64, dtype=torch.uint8), 2.0)).all()
+    films = np.stack([resize_square(f, 192) for f in _films(real_images)])
+    assert torch.allclose(equalize(torch.from_numpy(films), 2.0),
+                          torch.stack([equalize(torch.from_numpy(f), 2.0) for f in films]), atol=1e-6)
+
+
+def test_band_limit_removes_what_a_softer_device_changes(real_images):
+    """2x down/up-sampling differs from the original mostly in the upper band; low-passed alike, the two
+    inputs are much closer. The mean and the lowest frequencies pass unchanged."""
+    from model.preprocessing import match_spectrum
+
+    films = _films(real_images)
+    ref = _reference(films)
+    for g in films:
+        plain = (_model_input(_down_up(g), ref) - _model_input(g, ref)).pow(2).mean()
+        banded = (normalize(resize_square(_down_up(g), 192), 0.5, 0.25, True, ref, band_limit=0.35)
+                  - normalize(resize_square(g, 192), 0.5, 0.25, True, ref, band_limit=0.35)).pow(2).mean()
+        assert banded < 0.3 * plain, (float(banded), float(plain))
+    x = torch.rand(1, 64, 64)
+    low = match_spectrum(x, None, 0.35)
+    assert abs(float(low.mean() - x.mean())) < 1e-5 and float(low.std()) < float(x.std())
+    smooth = torch.linspace(0, 1, 64).repeat(64, 1)[None]  # one slow ramp: almost all of it passes
+    assert float((match_spectrum(smooth, None, 0.35) - smooth)[:, 8:-8, 8:-8].abs().max()) < 0.02
+
+
+def test_artifact_refuses_malformed_preprocessing_settings(tmp_path):
+    import json
+
+    import model
+    from model.artifact import ModelArtifactError
+    from tests.conftest import make_artifact
+
+    d = make_artifact(tmp_path / "m")
+    meta = json.loads((d / "model.json").read_text())
+    for key, bad in (("equalize_sigma", -1), ("equalize_sigma", "2"), ("equalize_sigma", float("inf")), ("equalize_sigma", 99),
+                     ("band_limit", 0), ("band_limit", -0.3), ("band_limit", True), ("band_limit", "0.3")):
+        (d / "model.json").write_text(json.dumps({**meta, key: bad}))
+        with pytest.raises(ModelArtifactError, match=key):
+            model.load_model(d)
+    (d / "model.json").write_text(json.dumps({**meta, "equalize_sigma": 2, "band_limit": 0.35}))
+    m = model.load_model(d).meta
+    assert (m.equalize_sigma, m.band_limit) == (2, 0.35)

@@ -88,11 +88,14 @@ def model_line(name: str, meta) -> str:
     training = meta.training or {}
     pretrained = training.get("pretrained")
     how = {True: "fine-tuned from pretrained weights", False: "trained from scratch (no pretrained weights)"}.get(pretrained, "")
-    steps = [t for t, on in (("histogram-equalised", getattr(meta, "equalize", False)),
-                             ("spectrum-matched to its training films", getattr(meta, "spectrum", None))) if on]
+    sigma, band = getattr(meta, "equalize_sigma", 0.0), getattr(meta, "band_limit", None)
+    steps = [t for t, on in (("histogram-equalised" + (f" (mapping from a {sigma:g} px smoothed copy)" if sigma else ""),
+                              getattr(meta, "equalize", False)),
+                             ("spectrum-matched to its training films", getattr(meta, "spectrum", None)),
+                             (f"low-passed (Gaussian, sigma {band:g} x Nyquist)" if band else "", band)) if on]
     return (f"**Model**: {md_escape(name)}: {md_escape(meta.architecture)}{' ' + how if how else ''}, "
             f"{md_escape(meta.input_size)} x {md_escape(meta.input_size)} grayscale input, {md_escape(meta.resize)}"
-            f"{', ' + ' and '.join(steps) if steps else ''}. "
+            f"{', ' + ' and '.join([', '.join(steps[:-1]), steps[-1]] if len(steps) > 2 else steps) if steps else ''}. "
             f"Weights sha256 {md_escape(meta.weights_sha256[:16])}...")
 
 
