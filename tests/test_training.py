@@ -29,7 +29,7 @@ def train(out: Path, data_dir: Path, cache: Path, *extra: str) -> Path:
     return train_cli.main(args)
 
 
-TWO_EPOCHS = ("--epochs", "2", "--consistency-warmup", "1", "--clip-grad-norm", "1.0")
+TWO_EPOCHS = ("--epochs", "2", "--consistency-warmup", "1", "--clip-grad-norm", "1.0", "--equalize-sigma", "2", "--band-limit", "0.35")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,7 @@ def test_retrained_model_carries_a_working_gate(trained, data_dir):
     assert clf.check_input(np.full((128, 128), 255, np.uint8)).flagged
     assert clf.meta.equalize and clf.meta.training["hyperparameters"]["consistency"] > 0
     assert len(clf.meta.spectrum) == 25 and clf.meta.training["hyperparameters"]["match_spectrum"]
+    assert (clf.meta.equalize_sigma, clf.meta.band_limit) == (2.0, 0.35)  # the served input is the trained one
 
 
 def test_report_scores_reproduce_through_the_public_api(trained, data_dir):
@@ -202,6 +203,23 @@ def test_served_consistency_pulls_where_the_served_probability_moves():
 def test_served_consistency_needs_a_parent_calibration(tmp_path, data_dir, cache):
     with pytest.raises(train_cli.DataError, match="--init-from"):
         train(tmp_path / "x", data_dir, cache, "--epochs", "1", "--served-consistency", "50")
+
+def test_zero_epochs_refinalises_the_parents_weights_under_new_preprocessing(trained, data_dir, cache, tmp_path):
+    """--epochs 0 --init-from: the same weights (checksum), this run's preprocessing in the metadata, a fresh
+    calibration, gate and report that the public API reproduces, and the parent's training history."""
+    with pytest.raises(DataError, match="--init-from"):
+        train(tmp_path / "bad", data_dir, cache, "--epochs", "0")
+    out = train(tmp_path / "z", data_dir, cache, "--epochs", "0", "--init-from", str(trained),
+                "--equalize-sigma", "0", "--band-limit", "0")
+    parent, child = model.load_model(trained), model.load_model(out)
+    assert child.meta.weights_sha256 == parent.meta.weights_sha256
+    assert (child.meta.equalize_sigma, child.meta.band_limit) == (0.0, None) != (parent.meta.equalize_sigma, parent.meta.band_limit)
+    assert child.meta.training["epochs_run"] == 0 and child.meta.training["best_weights"] == "init_from"
+    assert read_history(out) == read_history(trained)
+    assert child.has_gate and child.meta.temperature != parent.meta.temperature
+    items = json.loads((out / "report.json").read_text())["items"][:6]
+    np.testing.assert_allclose(child.predict_proba([data_dir / it["file"] for it in items]), [it["score"] for it in items], atol=1e-5)
+
 
 @pytest.mark.parametrize("sigma", [0.8, 1.5, 2.5])
 def test_training_blur_is_a_whole_gaussian(sigma):
@@ -381,13 +399,13 @@ def test_recipe_stages_chain_and_resume(tmp_path):
     (tmp_path / "3-spectrum").mkdir()
     (tmp_path / "3-spectrum" / train_cli.CHECKPOINT_FILE).write_bytes(b"")
     lines = recipe.stage_args(args, ["--quiet"])
-    assert len(lines) == len(recipe.STAGES) == 4
+    assert len(lines) == len(recipe.STAGES) == 5
     assert "--split-file" in lines[0] and "--init-from" not in lines[0]
     for prev, line in zip(recipe.STAGES, lines[1:]):
         assert line[line.index("--init-from") + 1] == str(tmp_path / prev[0]) and "--split-file" not in line
-    assert [line[line.index("--epochs") + 1] for line in lines] == ["8", "2", "2", "2"]  # 16, 4, 5, 3 halved (>= 1)
+    assert [line[line.index("--epochs") + 1] for line in lines] == ["8", "2", "2", "2", "0"]  # 16, 4, 5, 3 halved (>= 1); 0 stays
     assert all(line[-1] == "--quiet" for line in lines)
-    assert [("--resume" in line) for line in lines] == [False, False, True, False]
+    assert [("--resume" in line) for line in lines] == [False, False, True, False, False]
     for line in lines:  # every stage's command line is one training.train accepts
         train_cli.get_args_parser().parse_args(line)
 
@@ -402,7 +420,9 @@ def test_recipe_runs_end_to_end(tmp_path, data_dir, cache):
     stages = [json.loads((out / name / "model.json").read_text())["training"] for name, _ in recipe.STAGES]
     assert clf.meta.weights_sha256 == json.loads((out / recipe.STAGES[-1][0] / "model.json").read_text())["weights_sha256"]
     assert [s.get("initialised_from", {}).get("path") for s in stages] == [None] + [str(out / n) for n, _ in recipe.STAGES[:-1]]
-    assert not stages[0]["hyperparameters"]["equalize"] and stages[-1]["hyperparameters"]["consistency"] == 40
+    assert not stages[0]["hyperparameters"]["equalize"] and stages[-2]["hyperparameters"]["consistency"] == 40
+    assert clf.meta.weights_sha256 == json.loads((out / recipe.STAGES[-2][0] / "model.json").read_text())["weights_sha256"]
+    assert stages[-1]["epochs_run"] == 0 and (clf.meta.equalize_sigma, clf.meta.band_limit) == (2.0, 0.35)
     assert set(json.loads((out / "recipe.json").read_text())["training_wall_seconds"]) == {n for n, _ in recipe.STAGES}
     again = recipe.main(args, [*SMALL, "--cache-dir", str(cache)])  # finished stages are skipped: nothing retrains
     assert model.load_model(again).meta.weights_sha256 == clf.meta.weights_sha256

@@ -1,10 +1,14 @@
-"""The shipped model's recipe in one command: four training stages, each fine-tuning the one before.
+"""The shipped model's recipe in one command: four training stages, each fine-tuning the one before, and a
+re-finalisation of the last one's weights under the canonicalising preprocessing.
 
     uv run python -m training.recipe --data-dir ../shared/data/chest_xray --out runs/v8 [--split-file S]
 
 Why stages, not one run: from random weights, the log-odds consistency term at the weight that makes the
 model invariant (40) drowns the classification loss before there is anything to keep invariant (two
-single-run attempts in docs/recipes.md); learning the task first and then the invariance works. Each stage
+single-run attempts in docs/recipes.md); learning the task first and then the invariance works. The fifth step trains nothing (``--epochs 0``): it
+reads the equalisation mapping from a smoothed copy and band-limits the input, then calibrates, chooses the
+operating points and fits the gate anew (fine-tuning under that preprocessing was measured and made the
+sharpening tail worse, docs/recipes.md). Each stage
 is a plain ``training.train`` run into ``OUT/<stage>``; the last stage's artifact is copied to ``OUT``.
 Interrupted? Run the same command again: finished stages are skipped and an unfinished one resumes from
 its checkpoint. Extra arguments after ``--`` go to every stage (e.g. ``-- --max-per-class 40 --quiet``).
@@ -34,6 +38,7 @@ STAGES: list[tuple[str, list[str]]] = [
                     "--perturb-p", "0.4", "--consistency", "20", "--consistency-loss", "logit"]),
     ("4-invariance", ["--epochs", "3", "--lr", "3e-4", "--warmup-epochs", "0.3", "--ema-decay", "0.995", "--patience", "10",
                       "--perturb-p", "0.4", "--consistency", "40", "--consistency-loss", "logit"]),
+    ("5-canonical", ["--epochs", "0", "--equalize-sigma", "2", "--band-limit", "0.35"]),
 ]
 ARTIFACT_FILES = (WEIGHTS_FILE, GATE_FILE, META_FILE, REPORT_FILE, HISTORY_FILE, SPLIT_FILE)
 
@@ -54,7 +59,8 @@ def stage_args(args, extra: list[str]) -> list[list[str]]:
     for i, (name, flags) in enumerate(STAGES):
         flags = list(flags)
         k = flags.index("--epochs") + 1
-        flags[k] = str(max(1, round(int(flags[k]) * args.epochs_scale)))
+        if int(flags[k]) > 0:  # 0 (re-finalise only) stays 0
+            flags[k] = str(max(1, round(int(flags[k]) * args.epochs_scale)))
         line = ["--data-dir", args.data_dir, "--out", str(out / name), *flags]
         if i == 0:
             line += ["--split-file", args.split_file] if args.split_file else []

@@ -255,7 +255,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact directory to write (weights, model.json, report, history, split)")
     p.add_argument("--arch", default="resnet18", choices=list_models())
     p.add_argument("--image-size", default=192, type=int)
-    p.add_argument("--epochs", default=16, type=int)
+    p.add_argument("--epochs", default=16, type=int,
+                   help="0 with --init-from: no training; that model's weights are re-finalised (calibration, "
+                        "operating points, gate, report) under this run's preprocessing flags")
     p.add_argument("--batch-size", default=32, type=int, help="per process")
     p.add_argument("--lr", default=2e-3, type=float)
     p.add_argument("--weight-decay", default=0.05, type=float)
@@ -268,6 +270,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--match-spectrum", default=True, action=argparse.BooleanOptionalAction,
                    help="match every input's radial amplitude spectrum to the training films' (invariance to blur, "
                         "sharpening and softer devices, as equalisation gives to gamma and window/level)")
+    p.add_argument("--equalize-sigma", default=0.0, type=float,
+                   help="read the equalisation mapping from a copy smoothed by this many pixels (invariance to "
+                        "sharpening and noise, which spread the histogram at fine scale); 0: from the film itself")
+    p.add_argument("--band-limit", default=0.0, type=float,
+                   help="low-pass every input with a Gaussian of this sigma, in units of Nyquist (invariance to "
+                        "softer devices and down/up-sampling, which erase the upper band); 0: off")
     p.add_argument("--perturb-p", default=0.35, type=float,
                    help="probability of each acquisition perturbation (blur, resampling, gamma, noise, JPEG...); 0 disables")
     p.add_argument("--consistency", default=5.0, type=float,
@@ -340,6 +348,8 @@ def main(args) -> Path | None:
     log = print if is_main(args) else (lambda *a, **k: None)
 
     # ---- data: errors surface here, before any training --------------------------------------
+    if args.epochs < 0 or (args.epochs == 0 and not args.init_from):
+        raise DataError("--epochs must be positive (0 only with --init-from: re-finalise that model's weights).")
     if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
         raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
                         "and the consistency pair (--consistency > 0, --perturb-p > 0).")
@@ -362,12 +372,13 @@ def main(args) -> Path | None:
     skipped = skipped_tr + skipped_va
     for msg in skipped:
         log(f"skipped unreadable image: {msg}")
-    unit = equalize if args.equalize else (lambda c: c.float() / 255.0)  # noqa: E731
+    unit = functools.partial(equalize, sigma=args.equalize_sigma) if args.equalize else (lambda c: c.float() / 255.0)  # noqa: E731
+    band = args.band_limit or None
     spectrum = None
     if args.match_spectrum:  # the training films' mean amplitude per frequency ring: every input is matched to it
         spectrum = torch.cat([radial_spectrum(unit(c)).reshape(-1, SPECTRUM_RINGS + 1) for c in tr_img.split(512)])
         spectrum = [round(float(v), 6) for v in spectrum.mean(0)]
-    scaled = torch.cat([match_spectrum(unit(c), spectrum) if spectrum else unit(c) for c in tr_img.split(512)])
+    scaled = torch.cat([match_spectrum(unit(c), spectrum, band) if spectrum or band else unit(c) for c in tr_img.split(512)])
     mean, std = float(scaled.mean()), float(scaled.std())
     del scaled
     counts = torch.bincount(tr_y, minlength=2).float()
@@ -376,7 +387,8 @@ def main(args) -> Path | None:
         f"{len({s.patient for s in train_s})} patients), val {len(va_y)} images "
         f"({len({s.patient for s in val_s})} patients), skipped {len(skipped)}; mean {mean:.4f} std {std:.4f}")
 
-    norm = functools.partial(normalize, mean=mean, std=std, equalize_hist=args.equalize, spectrum=spectrum)
+    norm = functools.partial(normalize, mean=mean, std=std, equalize_hist=args.equalize, spectrum=spectrum,
+                             equalize_sigma=args.equalize_sigma, band_limit=band)
     perturb = AcquisitionPerturb(args.perturb_p) if args.perturb_p > 0 else None
     train_ds = XrayTensorDataset(tr_img, tr_y, norm, train_transform(args.image_size), perturb,
                                  views=2 if perturb is not None and args.consistency > 0 else 1)
@@ -488,6 +500,12 @@ def main(args) -> Path | None:
         return None
 
     # ---- finalise: calibrate, choose operating points, write the artifact ---------------------
+    epochs_run = len(history)
+    if best["state"] is None:  # --epochs 0: the parent's weights as they are; its history is theirs
+        best = {"val_auc": None, "epoch": 0, "source": "init_from",
+                "state": {n_: t.detach().cpu().clone() for n_, t in model.state_dict().items()}}
+        parent_history = Path(args.init_from) / HISTORY_FILE
+        history = json.loads(parent_history.read_text()) if parent_history.is_file() else []
     model.load_state_dict(best["state"])
     model.eval()
     full_val = torch.utils.data.DataLoader(val_ds, 128, sampler=torch.utils.data.SequentialSampler(val_ds))  # all of it, not a rank's share
@@ -512,7 +530,8 @@ def main(args) -> Path | None:
 
     meta = ModelMeta(
         architecture=args.arch, input_size=args.image_size, mean=mean, std=std, class_names=list(CLASS_NAMES),
-        equalize=args.equalize, spectrum=spectrum,
+        equalize=args.equalize, spectrum=spectrum, equalize_sigma=args.equalize_sigma if args.equalize else 0.0,
+        band_limit=band,
         temperature=temperature, bias=bias, threshold=threshold, operating_points=points,
         name=f"cxr-{args.arch}-{args.image_size}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -522,14 +541,14 @@ def main(args) -> Path | None:
             **({"split_from": str(split_file)} if split_file else {}),
             "train_images": len(tr_y), "val_images": len(va_y),
             "val_patients": len({s.patient for s in val_s}), "skipped_images": len(skipped),
-            "epochs_run": len(history), "best_epoch": best["epoch"], "best_weights": best["source"],
+            "epochs_run": epochs_run, "best_epoch": best["epoch"], "best_weights": best["source"],
             "seed": args.seed, "world_size": args.world_size, "device": str(args.device),
             "wall_seconds": round(wall, 1), "default_threshold_rule": rule, "pretrained": args.pretrained,
             **({"initialised_from": {"path": str(args.init_from), "weights_sha256": args.init_from_sha256}}
                if args.init_from else {}),
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
-                                                               "equalize", "match_spectrum", "perturb_p", "consistency", "consistency_loss",
+                                                               "equalize", "equalize_sigma", "match_spectrum", "band_limit", "perturb_p", "consistency", "consistency_loss",
                                                                "consistency_warmup", "served_consistency", "clip_grad_norm",
                                                                "amp")},
         },
