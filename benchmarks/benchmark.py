@@ -108,6 +108,7 @@ def bench_model(model_dir: Path, n: int) -> dict:
     out["naive"] = {"predict_ms": naive_p, "predict_gradcam_ms": naive_c, "ours_predict_ms": ours_p, "ours_gradcam_ms": ours_c}
     out["fold"] = bench_fold(model_dir, blobs, x, n)
     out["precision"] = bench_precision(model_dir, blobs, x, n)
+    out["input_steps"] = bench_input_steps(model_dir, blobs, x, n)
     return out
 
 
@@ -130,6 +131,18 @@ def bench_precision(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int
     if not _fast_bf16(torch.device("cpu")):
         return None
     return versus({"bf16": model.load_model(model_dir, bf16=True), "fp32": model.load_model(model_dir, bf16=False)}, blobs, x, n)
+
+
+def bench_input_steps(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict | None:
+    """The served model with and without its canonicalising input steps (smoothed equalisation mapping, band
+    limit), interleaved: what they add to a predict. None where the model has neither."""
+    import dataclasses
+
+    served, plain = model.load_model(model_dir), model.load_model(model_dir)
+    if not (served.meta.equalize_sigma or served.meta.band_limit):
+        return None
+    plain.meta = dataclasses.replace(plain.meta, equalize_sigma=0.0, band_limit=None)
+    return versus({"served": served, "plain": plain}, blobs, x, n)
 
 
 def bench_fold(model_dir: Path, blobs: list[bytes], x: torch.Tensor, n: int) -> dict:
@@ -326,13 +339,14 @@ def render(results: dict) -> str:
                      "<= 150 ms" if meth == "gradcam" else ""))
     for bs, v in m.get("batch_img_s", {}).items():
         rows.append((f"batch throughput, batch {bs}", f"{v:.0f} img/s", ">= 60 img/s" if int(bs) == 32 else ""))
-    nv, fo, pr = m.get("naive"), m.get("fold"), m.get("precision")
+    nv, fo, pr, st = m.get("naive"), m.get("fold"), m.get("precision"), m.get("input_steps")
     if nv:
         rows += [_versus(f"naive eager reference vs ours, interleaved: {what} (p50)", nv[a]["p50"], nv[b]["p50"], "naive/ours")
                  for what, a, b in (("predict", "predict_ms", "ours_predict_ms"),
                                     ("predict + Grad-CAM", "predict_gradcam_ms", "ours_gradcam_ms"))]
     for pair, what, (fast, slow) in ((fo, "BatchNorm folded (served) vs not", ("folded", "plain")),
-                                     (pr, "bf16 (served on this CPU) vs fp32", ("bf16", "fp32"))):
+                                     (pr, "bf16 (served on this CPU) vs fp32", ("bf16", "fp32")),
+                                     (st, "input steps (smoothed equalisation, band limit: served) vs without", ("plain", "served"))):
         if not pair:
             continue
         rows.append(_versus(f"{what}, interleaved: predict (p50), {slow} vs {fast}", pair["predict_ms"][slow]["p50"],
