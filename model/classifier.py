@@ -42,7 +42,7 @@ CAM_METHODS = {
 }
 CAM_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "eigencam": "EigenCAM", "layercam": "LayerCAM"}
 # The most faithful method for the shipped model by ROAD (docs/faithfulness.md), and free: no backward pass
-DEFAULT_CAM_METHOD = "gradcam++"
+DEFAULT_CAM_METHOD = "gradcam"
 
 
 @dataclass

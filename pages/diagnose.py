@@ -177,9 +177,9 @@ def detail(key: str) -> None:
         c1, c2 = st.columns(2)
         method = c1.selectbox("Explanation method", list(CAM_LABELS), index=list(CAM_LABELS).index(DEFAULT_CAM_METHOD),
                               format_func=CAM_LABELS.get, key="cam_method",
-                              help=f"{CAM_LABELS[DEFAULT_CAM_METHOD]} (the default: the most faithful for this model, see the "
-                                   "Model report) and Grad-CAM come with the prediction; EigenCAM and LayerCAM need a "
-                                   "backward pass and an extra library (a few seconds on first use).")
+                              help=f"{CAM_LABELS[DEFAULT_CAM_METHOD]} is the default: the most faithful for this model (see the "
+                                   "Model report). Grad-CAM and Grad-CAM++ come with the prediction; EigenCAM and LayerCAM "
+                                   "need a backward pass and an extra library (a few seconds on first use).")
         opacity = c2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
         cams = ss.setdefault("_cams", {})
         cam_key = (r.sha256, method)
