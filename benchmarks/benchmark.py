@@ -198,7 +198,8 @@ def training_figures(model_dir: Path) -> dict:
         "epochs": len(hist),
         "seconds_per_epoch_mean": statistics.mean(h["seconds"] for h in hist),
         "train_img_s_median": statistics.median(h["train_img_per_s"] for h in hist),
-        "train_wall_min": clf_meta.training.get("wall_seconds", 0) / 60,
+        # from the epochs themselves: a re-finalised model (--epochs 0) carries its parent's history, not its time
+        "train_wall_min": sum(h["seconds"] for h in hist) / 60,
         "train_images": clf_meta.training.get("train_images"),
     }
 
