@@ -171,3 +171,16 @@ def test_disclaimer_names_the_models_own_training_data(at):
     from model.report import escape_markdown
 
     assert f"Trained on: {escape_markdown('Adults from [site](https://x.example) *A*')}." in d and "[site](" not in d
+
+
+def test_sidebar_model_line_says_whether_the_weights_were_trained_or_re_finalised(at):
+    from types import SimpleNamespace
+
+    from ui.state import model_caption
+
+    assert any("trained" in c.value for c in at.sidebar.caption)  # the test model was trained
+    meta = SimpleNamespace(architecture="resnet18", input_size=192, created="2026-12-03T10:00:00", weights_sha256="ab" * 32,
+                           training={"epochs_run": 0})
+    assert "re-finalised 2026-12-03" in model_caption("m", meta) and "trained" not in model_caption("m", meta)
+    meta.training = {"epochs_run": 3}
+    assert "trained 2026-12-03" in model_caption("m", meta)

@@ -26,6 +26,13 @@ from model.decision import DEFAULT_BAND  # noqa: E402  (tiny module: no heavy im
 DISCLAIMER = "**Research and education tool - not a medical device.** Not for diagnosis or treatment decisions."
 
 
+def model_caption(name: str, meta) -> str:
+    """The sidebar's model line; a model re-finalised without training (``--epochs 0``) does not claim a training date."""
+    made = "re-finalised" if (meta.training or {}).get("epochs_run") == 0 else "trained"
+    return (f"**Model** `{name}`  \n{meta.architecture}, {meta.input_size} px, {made} {meta.created[:10] or 'unknown'}  \n"
+            f"weights `{meta.weights_sha256[:12]}`")
+
+
 def disclaimer(loaded: Loaded | None) -> str:
     """The disclaimer, naming the loaded model's own training data (a retrained model says what it saw)."""
     from ui.model_card import scope_sentence
@@ -223,9 +230,5 @@ def sidebar(loaded: Loaded | None) -> None:
                       on_change=_sync_widgets, format="%.3f",
                       help="Probabilities this close to the threshold are reported as UNCERTAIN.")
             st.divider()
-            st.caption(
-                f"**Model** `{loaded.clf.name}`  \n{meta.architecture}, {meta.input_size} px, "
-                f"trained {meta.created[:10] or 'unknown'}  \n"
-                f"weights `{meta.weights_sha256[:12]}`"
-            )
+            st.caption(model_caption(loaded.clf.name, meta))
         st.info(disclaimer(loaded), icon=":material/info:")
