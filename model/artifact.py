@@ -36,6 +36,10 @@ class ModelArtifactError(RuntimeError):
     """The artifact directory is missing, incomplete, tampered with or inconsistent."""
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class ModelMeta:
     architecture: str
@@ -100,15 +104,12 @@ class ModelMeta:
             from .preprocessing import SPECTRUM_RINGS
 
             ok = isinstance(meta.spectrum, list) and len(meta.spectrum) == SPECTRUM_RINGS + 1 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in meta.spectrum)
+                _finite(v) and v > 0 for v in meta.spectrum)
             if not ok:
                 raise ModelArtifactError(f"{META_FILE}: spectrum must be {SPECTRUM_RINGS + 1} positive numbers.")
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not (number(meta.equalize_sigma) and 0 <= meta.equalize_sigma <= 16):
+        if not (_finite(meta.equalize_sigma) and 0 <= meta.equalize_sigma <= 16):
             raise ModelArtifactError(f"{META_FILE}: equalize_sigma must be a number from 0 to 16 (pixels).")
-        if meta.band_limit is not None and not (number(meta.band_limit) and 0 < meta.band_limit <= 4):
+        if meta.band_limit is not None and not (_finite(meta.band_limit) and 0 < meta.band_limit <= 4):
             raise ModelArtifactError(f"{META_FILE}: band_limit must be null or a number in (0, 4] (units of Nyquist).")
         if meta.positive_class not in meta.class_names:
             raise ModelArtifactError(f"positive_class {meta.positive_class!r} is not among {meta.class_names}.")

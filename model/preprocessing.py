@@ -654,9 +654,12 @@ def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_spectrum(x)[2])
 
 
+@functools.lru_cache(maxsize=8)
 def _band(h: int, w: int, band_limit: float) -> np.ndarray:
     r = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2) / 0.5  # in units of Nyquist
-    return np.exp(-0.5 * (r / band_limit) ** 2).astype(np.float32)
+    band = np.exp(-0.5 * (r / band_limit) ** 2).astype(np.float32)
+    band.setflags(write=False)  # cached: shared by every call
+    return band
 
 
 def match_spectrum(x: torch.Tensor, reference=None, band_limit: float | None = None) -> torch.Tensor:

@@ -204,6 +204,14 @@ def test_served_consistency_needs_a_parent_calibration(tmp_path, data_dir, cache
     with pytest.raises(train_cli.DataError, match="--init-from"):
         train(tmp_path / "x", data_dir, cache, "--epochs", "1", "--served-consistency", "50")
 
+
+@pytest.mark.parametrize("flags", [("--equalize-sigma", "-1"), ("--equalize-sigma", "40"), ("--band-limit", "-0.1"), ("--band-limit", "9")])
+def test_preprocessing_flags_out_of_range_fail_before_training(tmp_path, data_dir, cache, flags):
+    """Refused up front, not after an hour of training by the artifact loader."""
+    with pytest.raises(train_cli.DataError, match="--equalize-sigma must be"):
+        train(tmp_path / "x", data_dir, cache, "--epochs", "1", *flags)
+    assert not (tmp_path / "x").exists()
+
 def test_zero_epochs_refinalises_the_parents_weights_under_new_preprocessing(trained, data_dir, cache, tmp_path):
     """--epochs 0 --init-from: the same weights (checksum), this run's preprocessing in the metadata, a fresh
     calibration, gate and report that the public API reproduces, and the parent's training history."""

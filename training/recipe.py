@@ -5,11 +5,11 @@ re-finalisation of the last one's weights under the canonicalising preprocessing
 
 Why stages, not one run: from random weights, the log-odds consistency term at the weight that makes the
 model invariant (40) drowns the classification loss before there is anything to keep invariant (two
-single-run attempts in docs/recipes.md); learning the task first and then the invariance works. The fifth step trains nothing (``--epochs 0``): it
-reads the equalisation mapping from a smoothed copy and band-limits the input, then calibrates, chooses the
-operating points and fits the gate anew (fine-tuning under that preprocessing was measured and made the
-sharpening tail worse, docs/recipes.md). Each stage
-is a plain ``training.train`` run into ``OUT/<stage>``; the last stage's artifact is copied to ``OUT``.
+single-run attempts in docs/recipes.md); learning the task first and then the invariance works. The fifth
+step trains nothing (``--epochs 0``): it reads the equalisation mapping from a smoothed copy and band-limits
+the input, then calibrates, chooses the operating points and fits the gate anew (fine-tuning under that
+preprocessing was measured and made the sharpening tail worse, docs/recipes.md). Each stage is a plain
+``training.train`` run into ``OUT/<stage>``; the last stage's artifact is copied to ``OUT``.
 Interrupted? Run the same command again: finished stages are skipped and an unfinished one resumes from
 its checkpoint. Extra arguments after ``--`` go to every stage (e.g. ``-- --max-per-class 40 --quiet``).
 """

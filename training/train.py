@@ -350,6 +350,8 @@ def main(args) -> Path | None:
     # ---- data: errors surface here, before any training --------------------------------------
     if args.epochs < 0 or (args.epochs == 0 and not args.init_from):
         raise DataError("--epochs must be positive (0 only with --init-from: re-finalise that model's weights).")
+    if not (0 <= args.equalize_sigma <= 16 and 0 <= args.band_limit <= 4):
+        raise DataError("--equalize-sigma must be 0-16 (pixels) and --band-limit 0-4 (units of Nyquist).")
     if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
         raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
                         "and the consistency pair (--consistency > 0, --perturb-p > 0).")
