@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 import model
+from model.decision import DEFAULT_BAND, decide
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -60,17 +61,28 @@ PERTURBATIONS = {
 }
 
 
-def measure(clf: model.Classifier, films: list[np.ndarray], perturbations: dict | None = None) -> dict[str, dict]:
+def _calls(p: np.ndarray, threshold: float, band: float) -> np.ndarray:
+    return np.array([decide(float(x), threshold, band) for x in p])
+
+
+def measure(clf: model.Classifier, films: list[np.ndarray], perturbations: dict | None = None,
+            band: float = DEFAULT_BAND) -> dict[str, dict]:
     """|dp| per perturbation, and ``flips``: films whose decision at the model's default threshold changes
-    (what a user would see: the same film called NORMAL from one export and PNEUMONIA from another)."""
+    (what a user would see: the same film called NORMAL from one export and PNEUMONIA from another).
+    ``confident_flips``: the same with the app's UNCERTAIN band (+/- ``band``) in place - one export called
+    NORMAL and another PNEUMONIA, neither flagged as uncertain: the flips a user would be given no warning of."""
     base = clf.predict_proba(films)
+    base_calls = _calls(base, clf.threshold, band)
     out = {}
     for name, f in (perturbations or PERTURBATIONS).items():
         p = clf.predict_proba([f(g) for g in films])
         dp = np.abs(p - base)
+        calls = _calls(p, clf.threshold, band)
         out[name] = {"mean": round(float(dp.mean()), 4), "max": round(float(dp.max()), 4),
                      "p95": round(float(np.quantile(dp, 0.95)), 4),
-                     "flips": int(((p >= clf.threshold) != (base >= clf.threshold)).sum())}
+                     "flips": int(((p >= clf.threshold) != (base >= clf.threshold)).sum()),
+                     "confident_flips": int(((calls != base_calls) & (calls != "UNCERTAIN")
+                                             & (base_calls != "UNCERTAIN")).sum())}
     return out
 
 
@@ -109,8 +121,10 @@ def main() -> None:
         means = [r["mean"] for r in results[k].values()]
         maxes = [r["max"] for r in results[k].values()]
         flips = sum(r["flips"] for r in results[k].values())
+        confident = sum(r["confident_flips"] for r in results[k].values())
         print(f"{clf.name}: worst mean {max(means):.4f}, worst max {max(maxes):.3f}, decisions flipped {flips} "
-              f"of {len(films) * len(PERTURBATIONS)} ({seconds[k]:.0f} s)")
+              f"of {len(films) * len(PERTURBATIONS)}, {confident} of them with neither call inside the "
+              f"UNCERTAIN band (+/- {DEFAULT_BAND}) ({seconds[k]:.0f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps({"n_films": len(films), "models": {
             k: {"name": c.name, "weights_sha256": c.meta.weights_sha256, "perturbations": results[k]}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model
+from model.decision import DEFAULT_BAND
 from model.metrics import threshold_metrics
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "model"
@@ -115,9 +116,15 @@ def test_robustness_benchmark_counts_what_a_user_would_see(shipped, real_images)
     films = [model.decode_image(p) for c in ("NORMAL", "PNEUMONIA") for p in real_images[c]]
     swap = {id(g): films[(i + len(films) // 2) % len(films)] for i, g in enumerate(films)}
     out = measure(shipped, films, {"same": lambda g: g, "other_class": lambda g: swap[id(g)]})
-    assert out["same"] == {"mean": 0.0, "max": 0.0, "p95": 0.0, "flips": 0}
+    assert out["same"] == {"mean": 0.0, "max": 0.0, "p95": 0.0, "flips": 0, "confident_flips": 0}
     p = shipped.predict_proba(films)
     q = shipped.predict_proba([swap[id(g)] for g in films])
     called = lambda x: x >= shipped.threshold  # noqa: E731
     assert out["other_class"]["flips"] == int((called(p) != called(q)).sum()) > 0
+    # a flip with neither probability within the UNCERTAIN band of the threshold
+    outside = lambda x: np.abs(x - shipped.threshold) >= DEFAULT_BAND  # noqa: E731
+    confident = int(((called(p) != called(q)) & outside(p) & outside(q)).sum())
+    assert out["other_class"]["confident_flips"] == confident > 0
+    wide = measure(shipped, films, {"other_class": lambda g: swap[id(g)]}, band=1.0)
+    assert wide["other_class"]["confident_flips"] == 0  # a band that covers everything leaves no confident call
     assert out["other_class"]["mean"] == pytest.approx(float(np.abs(p - q).mean()), abs=1e-4)
