@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .resnet import resnet18, resnet50
+from .resnet import resnet18, resnet18_aa, resnet50
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -32,13 +32,14 @@ class ArchSpec:
     cam_layer: str  # dotted path of the Grad-CAM target layer (last block: 6 x 6 at 192 px)
     classifier: str  # dotted path of the final Linear layer
     fine_cam_layer: str = ""  # the block before it (12 x 12 at 192 px), for finer heatmaps
+    pretrained_as: str = ""  # torchvision constructor whose ImageNet weights fit, when not ``name`` itself
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
-def register(name, builder, weights, stem, cam_layer, classifier, fine_cam_layer="") -> None:
-    _REGISTRY[name] = ArchSpec(name, builder, weights, stem, cam_layer, classifier, fine_cam_layer)
+def register(name, builder, weights, stem, cam_layer, classifier, fine_cam_layer="", pretrained_as="") -> None:
+    _REGISTRY[name] = ArchSpec(name, builder, weights, stem, cam_layer, classifier, fine_cam_layer, pretrained_as)
 
 
 def torchvision_builder(name: str) -> Callable[..., nn.Module]:
@@ -54,6 +55,7 @@ def torchvision_builder(name: str) -> Callable[..., nn.Module]:
 
 
 register("resnet18", resnet18, "ResNet18_Weights", "conv1", "layer4", "fc", "layer3")
+register("resnet18_aa", resnet18_aa, "ResNet18_Weights", "conv1", "layer4", "fc", "layer3", pretrained_as="resnet18")
 register("resnet50", resnet50, "ResNet50_Weights", "conv1", "layer4", "fc", "layer3")
 register("densenet121", torchvision_builder("densenet121"), "DenseNet121_Weights", "features.conv0",
          "features.norm5", "classifier", "features.denseblock3")
@@ -91,7 +93,7 @@ def _load_pretrained(spec: ArchSpec) -> nn.Module:
         ) from None
     try:
         weights = getattr(models, spec.weights).DEFAULT
-        reference = getattr(models, spec.name)(weights=weights)  # downloads, checks the hash, remaps old keys
+        reference = getattr(models, spec.pretrained_as or spec.name)(weights=weights)  # downloads, checks the hash, remaps old keys
     except Exception as err:  # URLError, HTTPError, socket errors, hash mismatch...
         raise PretrainedWeightsUnavailable(
             f"Could not obtain ImageNet weights for {spec.name} ({type(err).__name__}: {err}). "

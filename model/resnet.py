@@ -3,11 +3,30 @@
 Serving a ResNet then never imports torchvision (which costs ~4 s here: it pulls in ``torch._dynamo``).
 Weights trained with ``torchvision.models.resnet18`` load strictly and give identical logits
 (``tests/test_resnet.py``); the layout and initialisation follow torchvision's ``resnet.py``.
+
+``antialias=True`` low-passes a block's input before each stride-2 convolution (Zhang 2019, "Making
+Convolutional Networks Shift-Invariant Again"): a strided convolution folds detail above the new Nyquist
+frequency back into coarse features, so sharpening or noise that adds such detail moves them. The blur
+has no parameters, so the state-dict keys and a plain ResNet's weights still fit.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Blur(nn.Module):
+    """Depthwise 3 x 3 binomial low-pass ([1, 2, 1] outer itself / 16), reflected edges, same size out."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (torch.outer(k, k) / 16).expand(channels, 1, 3, 3).contiguous(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype), groups=x.shape[1])
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -21,14 +40,18 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 antialias: bool = False):
         super().__init__()
+        self.blur = Blur(cin) if antialias and stride > 1 else None
         self.conv1, self.bn1 = conv3x3(cin, width, stride), nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = conv3x3(width, width), nn.BatchNorm2d(width)
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.blur is not None:  # before both strided paths: the 3 x 3 convolution and the 1 x 1 shortcut
+            x = self.blur(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
@@ -53,8 +76,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000, in_chans: int = 3):
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000, in_chans: int = 3,
+                 antialias: bool = False):
         super().__init__()
+        if antialias and block is not BasicBlock:
+            raise ValueError("antialias is implemented for BasicBlock ResNets (resnet18)")
+        self.antialias = antialias
         self.inplanes = 64
         self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -78,7 +105,7 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != width * block.expansion:
             downsample = nn.Sequential(conv1x1(self.inplanes, width * block.expansion, stride),
                                        nn.BatchNorm2d(width * block.expansion))
-        layers = [block(self.inplanes, width, stride, downsample)]
+        layers = [block(self.inplanes, width, stride, downsample, **({"antialias": True} if self.antialias else {}))]
         self.inplanes = width * block.expansion
         layers += [block(self.inplanes, width) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -91,6 +118,11 @@ class ResNet(nn.Module):
 
 def resnet18(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans)
+
+
+def resnet18_aa(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
+    """resnet18 with a low-pass before the strided convolutions of layer2-4 (same weights fit)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, antialias=True)
 
 
 def resnet50(num_classes: int = 1000, in_chans: int = 3) -> ResNet:

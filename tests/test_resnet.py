@@ -57,3 +57,28 @@ def test_shipped_artifact_matches_torchvision():
     with torch.no_grad():
         diff = (ours.eval()(x) - ref.eval()(x)).abs().max().item()
     assert diff <= 1e-5
+
+
+def test_antialiased_resnet18_takes_plain_weights_and_blurs_before_each_stride():
+    plain, aa = resnet.resnet18(num_classes=2).eval(), resnet.resnet18_aa(num_classes=2).eval()
+    assert list(aa.state_dict()) == list(plain.state_dict())  # no new parameters or saved buffers
+    aa.load_state_dict(plain.state_dict(), strict=True)
+    blurred = [name for name, m in aa.named_modules() if isinstance(m, resnet.Blur)]
+    assert blurred == ["layer2.0.blur", "layer3.0.blur", "layer4.0.blur"]  # the three stride-2 blocks
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert not torch.allclose(aa(x), plain(x), atol=1e-4)
+    with pytest.raises(ValueError, match="BasicBlock"):
+        resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], antialias=True)
+
+
+def test_blur_keeps_the_mean_and_removes_what_a_stride_of_2_would_alias():
+    """A Nyquist-frequency checkerboard, sampled every second pixel, reads as a flat image of +-1 (aliased to
+    DC); the low-pass removes it entirely first, and leaves a constant image as it was."""
+    blur = resnet.Blur(2)
+    i = torch.arange(16)
+    checker = ((-1.0) ** (i[:, None] + i[None, :])).expand(1, 2, 16, 16)
+    assert checker[..., ::2, ::2].abs().min() == 1  # what the stride alone would pass on
+    assert blur(checker).abs().max() < 1e-6
+    flat = torch.full((1, 2, 16, 16), 0.3)
+    torch.testing.assert_close(blur(flat), flat)

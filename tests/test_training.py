@@ -229,6 +229,22 @@ def test_zero_epochs_refinalises_the_parents_weights_under_new_preprocessing(tra
     np.testing.assert_allclose(child.predict_proba([data_dir / it["file"] for it in items]), [it["score"] for it in items], atol=1e-5)
 
 
+def test_init_from_another_architecture_only_where_the_weights_fit(trained, data_dir, cache, tmp_path):
+    """A resnet18 starts a resnet18_aa (the low-pass has no parameters); an efficientnet cannot take its weights,
+    and is told so before anything is written."""
+    out = train(tmp_path / "aa", data_dir, cache, "--epochs", "0", "--arch", "resnet18_aa", "--init-from", str(trained))
+    parent, child = model.load_model(trained), model.load_model(out)
+    assert (parent.meta.architecture, child.meta.architecture) == ("resnet18", "resnet18_aa")
+    assert child.meta.weights_sha256 == parent.meta.weights_sha256
+    items = json.loads((out / "report.json").read_text())["items"][:6]
+    films = [data_dir / it["file"] for it in items]
+    np.testing.assert_allclose(child.predict_proba(films), [it["score"] for it in items], atol=1e-5)
+    assert not np.allclose(child.predict_proba(films), parent.predict_proba(films), atol=1e-4)  # the blur acts
+    with pytest.raises(DataError, match="do not fit --arch efficientnet_b0"):
+        train(tmp_path / "eff", data_dir, cache, "--epochs", "0", "--arch", "efficientnet_b0", "--init-from", str(trained))
+    assert not (tmp_path / "eff").exists()
+
+
 @pytest.mark.parametrize("sigma", [0.8, 1.5, 2.5])
 def test_training_blur_is_a_whole_gaussian(sigma):
     """The blur behind training's softness and unsharp-mask perturbations has the width it is asked for

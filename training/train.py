@@ -411,9 +411,10 @@ def main(args) -> Path | None:
     model = create_model(args.arch, num_classes=2, in_chans=1, pretrained=args.pretrained)
     if args.init_from:
         start, start_meta = load_artifact(args.init_from)
-        if start_meta.architecture != args.arch:
-            raise DataError(f"--init-from holds a {start_meta.architecture}, not --arch {args.arch}.")
-        model.load_state_dict(start.state_dict())
+        try:  # another architecture only where its weights fit exactly (resnet18 -> resnet18_aa)
+            model.load_state_dict(start.state_dict())
+        except RuntimeError:
+            raise DataError(f"--init-from holds a {start_meta.architecture}, whose weights do not fit --arch {args.arch}.") from None
         args.init_from_sha256 = start_meta.weights_sha256
         args.served_calibration = (start_meta.temperature, start_meta.bias)
         log(f"initialised from {args.init_from} ({start_meta.name}, weights {start_meta.weights_sha256[:12]})")
