@@ -62,6 +62,7 @@ PERTURBATIONS = {
 
 
 def _calls(p: np.ndarray, threshold: float, band: float) -> np.ndarray:
+    """The app's own decision for each probability (model.decision), so the benchmark counts what a user sees."""
     return np.array([decide(float(x), threshold, band) for x in p])
 
 
@@ -80,7 +81,7 @@ def measure(clf: model.Classifier, films: list[np.ndarray], perturbations: dict 
         calls = _calls(p, clf.threshold, band)
         out[name] = {"mean": round(float(dp.mean()), 4), "max": round(float(dp.max()), 4),
                      "p95": round(float(np.quantile(dp, 0.95)), 4),
-                     "flips": int(((p >= clf.threshold) != (base >= clf.threshold)).sum()),
+                     "flips": int((_calls(p, clf.threshold, 0.0) != _calls(base, clf.threshold, 0.0)).sum()),
                      "confident_flips": int(((calls != base_calls) & (calls != "UNCERTAIN")
                                              & (base_calls != "UNCERTAIN")).sum())}
     return out
