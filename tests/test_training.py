@@ -16,7 +16,8 @@ from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 import model
 from training import evaluate as evaluate_cli
 from training import train as train_cli
-from training.data import DataError, discover_folder, grouped_split, load_images, patient_id, read_manifest, read_split
+from training.data import (AcquisitionPerturb, DataError, XrayTensorDataset, discover_folder, grouped_split, load_images,
+                           patient_id, read_manifest, read_split, train_transform)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--image-size", "48", "--batch-size", "16", "--max-per-class", "40", "--n-boot", "50", "--quiet",
@@ -243,6 +244,35 @@ def test_init_from_another_architecture_only_where_the_weights_fit(trained, data
     with pytest.raises(DataError, match="do not fit --arch efficientnet_b0"):
         train(tmp_path / "eff", data_dir, cache, "--epochs", "0", "--arch", "efficientnet_b0", "--init-from", str(trained))
     assert not (tmp_path / "eff").exists()
+
+
+def test_bn_update_re_estimates_only_the_batchnorm_statistics(trained, data_dir, cache, tmp_path):
+    """--bn-update under new preprocessing: every learned parameter is the parent's; the running statistics are
+    re-measured over one augmented pass of the training films (checked against that pass done by hand),
+    reproducibly; and the report holds for the served model."""
+    import torch
+
+    flags = ("--epochs", "0", "--init-from", str(trained), "--equalize-sigma", "0", "--band-limit", "0", "--bn-update")
+    out = train(tmp_path / "bn", data_dir, cache, *flags)
+    (net_p, parent), (net_c, child) = model.load_artifact(trained), model.load_artifact(out)  # unfolded networks
+    assert child.training["hyperparameters"]["bn_update"] and not parent.training["hyperparameters"]["bn_update"]
+    p_params = dict(net_p.named_parameters())
+    assert all(torch.equal(p_params[k], v) for k, v in net_c.named_parameters())
+    assert child.weights_sha256 != parent.weights_sha256
+    # the same pass by hand: the training films in order, under the training augmentation, with the run's seed;
+    # each batch's mean of the first convolution's output, averaged over batches with equal weight
+    imgs, labels, _, _ = load_images(read_split(out / "split.csv", "train", root=data_dir), 48, str(cache), 2, False)
+    torch.manual_seed(20_000)
+    stream = torch.utils.data.DataLoader(XrayTensorDataset(imgs, labels, child.normalize, train_transform(48),
+                                                           AcquisitionPerturb(0.35)), 16, shuffle=False)
+    with torch.inference_mode():
+        expected = torch.stack([net_c.conv1(x).mean((0, 2, 3)) for x, _ in stream]).mean(0)
+    torch.testing.assert_close(net_c.bn1.running_mean, expected, atol=1e-5, rtol=1e-4)
+    assert (net_p.bn1.running_mean - expected).abs().max() > 1e-3  # the parent's statistics were not these
+    assert model.read_meta(train(tmp_path / "bn2", data_dir, cache, *flags)).weights_sha256 == child.weights_sha256
+    items = json.loads((out / "report.json").read_text())["items"][:6]
+    np.testing.assert_allclose(model.load_model(out).predict_proba([data_dir / it["file"] for it in items]),
+                               [it["score"] for it in items], atol=1e-5)
 
 
 @pytest.mark.parametrize("sigma", [0.8, 1.5, 2.5])

@@ -227,6 +227,16 @@ def _predict_logits(model, x: torch.Tensor, args, batch_size: int = 128) -> torc
     return torch.cat(out)
 
 
+def _update_bn(model, dataset, args) -> None:
+    """Running BatchNorm statistics replaced by their plain average over one pass of ``dataset``
+    (torch.optim.swa_utils.update_bn), in fp32 and with a fixed seed: reproducible."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(args.seed + 20_000)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=0)
+    update_bn((_channels_last(x.to(args.device), args) for x, _ in loader), model)
+
+
 class Indexed(torch.utils.data.Dataset):
     """Yields (index, item) so predictions can be gathered across ranks without duplicates."""
 
@@ -290,6 +300,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "--init-from model's calibration: pulls hardest on films near the decision boundary; 0 disables")
     p.add_argument("--init-from", default="", help="model directory whose weights start training (fine-tuning your own model)")
     p.add_argument("--data-description", default="", help="one sentence on the training data, shown in the model card")
+    p.add_argument("--bn-update", default=False, action=argparse.BooleanOptionalAction,
+                   help="before finalising, re-estimate BatchNorm statistics in one pass over the training films under "
+                        "training augmentation (e.g. after --init-from into an architecture whose activations differ; "
+                        "measured on v11 -> resnet18_aa it did not help: docs/recipes.md)")
     p.add_argument("--ema-decay", default=0.998, type=float, help="per-step EMA of weights; 0 disables")
     p.add_argument("--patience", default=6, type=int, help="early stopping: epochs without a better val AUC")
     p.add_argument("--seed", default=0, type=int)
@@ -510,6 +524,9 @@ def main(args) -> Path | None:
         parent_history = Path(args.init_from) / HISTORY_FILE
         history = json.loads(parent_history.read_text()) if parent_history.is_file() else []
     model.load_state_dict(best["state"])
+    if args.bn_update:
+        _update_bn(model, XrayTensorDataset(tr_img, tr_y, norm, train_transform(args.image_size), perturb), args)
+        log("BatchNorm statistics re-estimated over the training films")
     model.eval()
     full_val = torch.utils.data.DataLoader(val_ds, 128, sampler=torch.utils.data.SequentialSampler(val_ds))  # all of it, not a rank's share
     val_eval = evaluate(model, eval_criterion, full_val, argparse.Namespace(**{**vars(args), "distributed": False}))
@@ -553,7 +570,7 @@ def main(args) -> Path | None:
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "equalize_sigma", "match_spectrum", "band_limit", "perturb_p", "consistency", "consistency_loss",
                                                                "consistency_warmup", "served_consistency", "clip_grad_norm",
-                                                               "amp")},
+                                                               "bn_update", "amp")},
         },
     )
     write_split(out / SPLIT_FILE, train_s, val_s, root=args.data_dir)
