@@ -62,6 +62,7 @@ from model.decision import decide  # noqa: E402
 from model.results import (  # noqa: E402
     DICOM_TAGS, json_record, record, records_csv, records_json, result_decision, score_uploads,
 )
+from ui.model_card import calibrated_prevalence  # noqa: E402
 from ui.viewer import jpeg_data_uri, overlay_png, probability_gauge, xray_figure  # noqa: E402
 
 # ---- score new uploads once per session (keyed by Streamlit's file id) ---------------------------
@@ -159,8 +160,12 @@ def detail(key: str) -> None:
                             key="gauge")
         if not r.flagged:
             st.markdown(f"### Decision: {DECISION_STYLE[decision]}")
+        prev = calibrated_prevalence(clf.meta)
         st.caption(
-            f"P(pneumonia) = {r.probability:.3f}; threshold {t:.3f}"
+            f"P(pneumonia) = {r.probability:.3f}"
+            + (f" (calibrated where {prev:.0%} of films show pneumonia: lower where it is rarer, see the Model report)"
+               if prev is not None else "")
+            + f"; threshold {t:.3f}"
             + (f", uncertain between {max(0, t - b):.3f} and {min(1, t + b):.3f}." if b > 0 else ".")
         )
         if r.dicom:

@@ -88,6 +88,8 @@ c2.markdown(
     f"- ECE before: **{report.reliability_uncalibrated['ece']:.4f}**\n- ECE after: **{report.reliability_calibrated['ece']:.4f}**"
 )
 st.caption(card.calibration_caption(report))
+if (note := card.prevalence_note(meta)) is not None:
+    st.caption(note)
 
 if loaded.history and uploaded_report is None:
     st.subheader("Training curves")

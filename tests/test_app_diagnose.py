@@ -107,6 +107,7 @@ def test_uploads_survive_a_visit_to_the_report_page(at, real_images):
     assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2
     assert decision_text(at)
     assert any("earlier result" in c.value for c in at.caption)
+    assert not any("of films show pneumonia" in c.value for c in at.caption)  # the fixture's model.json does not say
     # a new upload adds to the restored results; "Clear results" empties the page
     c = real_images["NORMAL"][1]
     upload(at, [(c.name, c.read_bytes())])
@@ -195,3 +196,22 @@ def test_overlay_png_is_the_display_size():
     im = Image.open(io.BytesIO(overlay_png(gray, np.ones((12, 12), np.float32), 0.5)))
     assert im.size == (90, 120) and im.mode == "RGB"
     assert np.asarray(im)[..., 0].mean() > np.asarray(im)[..., 2].mean()  # 1.0 is red in jet
+
+
+def test_probability_says_which_class_mix_it_holds_for(monkeypatch, app_model, real_images, tmp_path):
+    import shutil
+
+    from model.artifact import META_FILE
+    from tests.conftest import APP, APP_TIMEOUT
+
+    d = tmp_path / "m"
+    shutil.copytree(app_model, d)
+    meta = json.loads((d / META_FILE).read_text())
+    meta["metrics"] = {**meta.get("metrics", {}), "prevalence": 0.7408}
+    (d / META_FILE).write_text(json.dumps(meta))
+    monkeypatch.setenv("CXR_MODEL_DIR", str(d))
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT).run()
+    a = real_images["NORMAL"][0]
+    upload(at, [(a.name, a.read_bytes())])
+    assert any(c.value.startswith("P(pneumonia) = ") and "calibrated where 74% of films show pneumonia" in c.value
+               for c in at.caption), [c.value for c in at.caption]

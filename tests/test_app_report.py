@@ -132,6 +132,20 @@ def test_official_val_folder_is_not_called_a_carved_split(monkeypatch, app_model
     assert any("independent check" in c.value for c in at.caption)
 
 
+def test_prevalence_note_only_from_a_proportion_in_the_metadata(monkeypatch, app_model, tmp_path):
+    """The report says what class mix its probabilities hold for, from model.json; hostile or missing values say nothing."""
+    from types import SimpleNamespace
+
+    at = open_report(monkeypatch, variant(app_model, tmp_path / "p", metrics={"prevalence": 0.7408}))
+    notes = [c.value for c in at.caption if "calibrated on films of which 74% show pneumonia" in c.value]
+    assert len(notes) == 1 and "a shown 0.85 is about 0.18" in notes[0]  # Bayes on the odds, at 10%
+    assert not any("calibrated on films of which" in c.value for c in open_report(monkeypatch, app_model).caption)
+    for bad in ("0.74", True, float("nan"), 0.0, 1.0, 7.4, None, [0.7]):
+        assert card.calibrated_prevalence(SimpleNamespace(metrics={"prevalence": bad})) is None, bad
+        assert card.prevalence_note(SimpleNamespace(metrics={"prevalence": bad})) is None
+    assert card.calibrated_prevalence(SimpleNamespace(metrics=None)) is None
+
+
 def test_gate_and_faithfulness_tables_when_present(monkeypatch, app_model, tmp_path):
     gate = {"method": "mahalanobis", "threshold": 123.4, "val_flag_rate": 0.008,
             "ood_eval": {"natural_photo": {"n": 26, "flag_rate": 1.0, "auroc": 0.999},

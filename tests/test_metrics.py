@@ -77,3 +77,19 @@ def test_report_curves_and_threshold():
     assert r.at(0.5)["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}
     assert r.at(0.3)["confusion_matrix"]["tp"] == 2
     assert r.roc["tpr"][-1] == 1.0 and r.auc == 0.75
+
+
+def test_at_prevalence_is_bayes_on_a_known_population():
+    """Scores x ~ N(+1, 1) for positives and N(-1, 1) for negatives: at prevalence pi the true P(positive | x) is
+    sigmoid(2x + logit pi), so moving a calibrated probability from pi to pi' must give sigmoid(2x + logit pi')."""
+    from model.decision import at_prevalence
+
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    for x in np.linspace(-3, 3, 13):
+        for pi, pi2 in ((0.74, 0.10), (0.74, 0.74), (0.3, 0.9)):
+            assert at_prevalence(sig(2 * x + logit(pi)), pi, pi2) == pytest.approx(sig(2 * x + logit(pi2)), rel=1e-9)
+    assert at_prevalence(0.0, 0.74, 0.1) == 0.0 and at_prevalence(1.0, 0.74, 0.1) == 1.0
+    for bad in ((0.5, 0.0, 0.1), (0.5, 0.74, 1.0), (1.2, 0.74, 0.1), (float("nan"), 0.74, 0.1)):
+        with pytest.raises(ValueError):
+            at_prevalence(*bad)

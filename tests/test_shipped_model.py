@@ -34,6 +34,7 @@ def test_metadata_is_complete(shipped, report):
     assert {"youden", "high_sensitivity"} <= set(meta.operating_points)
     assert 0 < meta.temperature < 20 and 0 < meta.threshold < 1
     assert meta.metrics["auc"] == pytest.approx(report["auc"]["value"])
+    assert meta.metrics["prevalence"] == pytest.approx(np.mean([it["y"] for it in report["items"]]))  # the calibration's class mix
     assert report["model"]["weights_sha256"] == meta.weights_sha256
     assert (SHIPPED / "weights.safetensors").stat().st_size <= 50 * 2**20
 

@@ -72,6 +72,7 @@ def test_smoke_run_writes_a_loadable_artifact(trained):
     report = json.loads((trained / "report.json").read_text())
     assert report["data"]["n"] == meta.training["val_images"]
     assert meta.metrics["auc"] == report["auc"]["value"]
+    assert meta.metrics["prevalence"] == pytest.approx(np.mean([it["y"] for it in report["items"]]))
     # the high-sensitivity point really is what it claims on the split it was chosen on
     assert report["metrics"]["high_sensitivity"]["sensitivity"] >= 0.95
     assert report["metrics"]["default"]["sensitivity"] >= report["metrics"]["high_sensitivity"]["sensitivity"]

@@ -585,6 +585,7 @@ def main(args) -> Path | None:
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     d = report["metrics"]["default"]
     meta.metrics = {"split": "validation (patient-grouped, from train)", "n": report["data"]["n"],
+                    "prevalence": float(y.mean()),  # the class mix the calibration holds for
                     "auc": report["auc"]["value"], "auc_ci95": report["auc"]["ci95"],
                     **{k: d[k] for k in ("threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "ece")}}
     (out / META_FILE).write_text(meta.to_json())  # weights untouched: the checksum stays valid
