@@ -2,7 +2,8 @@
 
     uv run uvicorn api:app --port 8000
 
-    GET  /health        -> model name, weights sha256, threshold, default band, gate present, limits, disclaimer
+    GET  /health        -> model name, weights sha256, threshold, calibrated prevalence, default band, gate present,
+                           limits, disclaimer
     POST /predict[?threshold=&band=&cam=gradcam&opacity=&force=]
          body: the image file itself (any format the app accepts), or multipart/form-data with one field "file"
          -> {"probability", "decision", "input_check", "reliable", "threshold", "band", "model", ...
@@ -135,6 +136,9 @@ class HealthResponse(BaseModel):
     threshold: float | None = Field(None, description="The model's default decision threshold.")
     default_band: float = Field(DEFAULT_BAND, description="Default half-width of the UNCERTAIN band (as in the app).")
     operating_points: dict[str, float] | None = None
+    calibrated_prevalence: float | None = Field(
+        None, description="Share of pneumonia films the probabilities are calibrated for (null: the model does not say); "
+                          "where pneumonia is rarer, the same probability means a lower chance (model.decision.at_prevalence).")
     has_gate: bool | None = Field(None, description="Whether the model carries a fitted input gate.")
     limits: dict[str, int]
     disclaimer: str
@@ -400,7 +404,7 @@ def health() -> Any:
         return JSONResponse({"status": "error", "error": err.message, **base}, status_code=err.status)
     return {"status": "ok", "model": clf.name, "architecture": clf.meta.architecture,
             "weights_sha256": clf.meta.weights_sha256, "threshold": clf.threshold,
-            "operating_points": clf.meta.operating_points, "has_gate": bool(getattr(clf, "has_gate", False)), **base}
+            "operating_points": clf.meta.operating_points, "calibrated_prevalence": clf.meta.prevalence, "has_gate": bool(getattr(clf, "has_gate", False)), **base}
 
 
 _SINGLE_BODY = {"requestBody": {"required": True, "description": f"One image, at most {_mb(MAX_FILE_BYTES)}.", "content": {

@@ -74,6 +74,13 @@ class ModelMeta:
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
 
+    @property
+    def prevalence(self) -> float | None:
+        """The share of positives among the films the calibration was fitted on (``metrics.prevalence``):
+        the class mix its probabilities hold for. None where the artifact does not say or says no proportion."""
+        v = self.metrics.get("prevalence") if isinstance(self.metrics, dict) else None
+        return float(v) if _finite(v) and 0 < v < 1 else None
+
     def normalize(self, gray_sq):
         """The model's input normalisation, from its own metadata (the one call every path makes)."""
         from .preprocessing import normalize

@@ -62,7 +62,6 @@ from model.decision import decide  # noqa: E402
 from model.results import (  # noqa: E402
     DICOM_TAGS, json_record, record, records_csv, records_json, result_decision, score_uploads,
 )
-from ui.model_card import calibrated_prevalence  # noqa: E402
 from ui.viewer import jpeg_data_uri, overlay_png, probability_gauge, xray_figure  # noqa: E402
 
 # ---- score new uploads once per session (keyed by Streamlit's file id) ---------------------------
@@ -160,7 +159,7 @@ def detail(key: str) -> None:
                             key="gauge")
         if not r.flagged:
             st.markdown(f"### Decision: {DECISION_STYLE[decision]}")
-        prev = calibrated_prevalence(clf.meta)
+        prev = clf.meta.prevalence
         st.caption(
             f"P(pneumonia) = {r.probability:.3f}"
             + (f" (calibrated where {prev:.0%} of films show pneumonia: lower where it is rarer, see the Model report)"

@@ -60,8 +60,26 @@ def test_health(client, tiny_artifact):
     assert body["model"] == "test-resnet18-64" and body["threshold"] == 0.5
     assert body["default_band"] == DEFAULT_BAND == 0.05  # the app's default: one source
     assert body["has_gate"] is False  # the shipped stub gate; a fitted gate sets clf.has_gate
+    assert body["calibrated_prevalence"] is None  # the tiny artifact's model.json does not say
     assert "not a medical device" in body["disclaimer"]
     assert body["limits"]["max_file_bytes"] == model.preprocessing.MAX_FILE_BYTES
+
+
+def test_health_names_the_class_mix_of_the_calibration(tiny_artifact, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_artifact, d)
+    meta = json.loads((d / "model.json").read_text())
+    meta["metrics"] = {**meta.get("metrics", {}), "prevalence": 0.7408}
+    (d / "model.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("CXR_MODEL_DIR", str(d))
+    api.classifier.cache_clear()
+    try:
+        assert TestClient(api.app).get("/health").json()["calibrated_prevalence"] == 0.7408
+    finally:
+        api.classifier.cache_clear()
 
 
 def test_openapi_docs(client):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
+import model
 from model.artifact import META_FILE
 from tests.conftest import APP, APP_TIMEOUT as TIMEOUT
 from ui import model_card as card
@@ -134,16 +135,16 @@ def test_official_val_folder_is_not_called_a_carved_split(monkeypatch, app_model
 
 def test_prevalence_note_only_from_a_proportion_in_the_metadata(monkeypatch, app_model, tmp_path):
     """The report says what class mix its probabilities hold for, from model.json; hostile or missing values say nothing."""
-    from types import SimpleNamespace
-
     at = open_report(monkeypatch, variant(app_model, tmp_path / "p", metrics={"prevalence": 0.7408}))
     notes = [c.value for c in at.caption if "calibrated on films of which 74% show pneumonia" in c.value]
     assert len(notes) == 1 and "a shown 0.85 is about 0.18" in notes[0]  # Bayes on the odds, at 10%
     assert not any("calibrated on films of which" in c.value for c in open_report(monkeypatch, app_model).caption)
-    for bad in ("0.74", True, float("nan"), 0.0, 1.0, 7.4, None, [0.7]):
-        assert card.calibrated_prevalence(SimpleNamespace(metrics={"prevalence": bad})) is None, bad
-        assert card.prevalence_note(SimpleNamespace(metrics={"prevalence": bad})) is None
-    assert card.calibrated_prevalence(SimpleNamespace(metrics=None)) is None
+    meta = model.read_meta(app_model)
+    for bad in ("0.74", True, float("nan"), float("inf"), 0.0, 1.0, 7.4, None, [0.7]):
+        meta.metrics = {"prevalence": bad}
+        assert meta.prevalence is None and card.prevalence_note(meta) is None, bad
+    meta.metrics = ["not", "a", "dict"]
+    assert meta.prevalence is None
 
 
 def test_gate_and_faithfulness_tables_when_present(monkeypatch, app_model, tmp_path):

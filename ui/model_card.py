@@ -153,20 +153,11 @@ def split_notice(report) -> str | None:
     return None
 
 
-def calibrated_prevalence(meta) -> float | None:
-    """The share of pneumonia films the calibration was fitted on (``model.json`` metrics), or None where the
-    artifact does not say (older models) or says something that is not a proportion."""
-    v = (meta.metrics or {}).get("prevalence") if isinstance(meta.metrics, dict) else None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1:
-        return None
-    return float(v)
-
-
 def prevalence_note(meta, elsewhere: float = 0.10, shown: float = 0.85) -> str | None:
     """What a probability means where pneumonia is rarer than in the calibration split (Bayes on the odds)."""
     from model.decision import at_prevalence
 
-    prev = calibrated_prevalence(meta)
+    prev = meta.prevalence
     if prev is None:
         return None
     return (f"These probabilities are calibrated on films of which {prev:.0%} show pneumonia. The same film means a "
