@@ -1,7 +1,7 @@
 """Binary-classification metrics from scikit-learn, shared by the evaluate CLI and the report page.
 
 Only what scikit-learn lacks is written here: the bootstrap CI for AUC, expected calibration error,
-and choosing operating points from the ROC curve. scikit-learn is imported inside the functions
+predictive values at another prevalence, and choosing operating points from the ROC curve. scikit-learn is imported inside the functions
 (it costs ~2.5 s), so importing this module on the prediction path stays cheap.
 """
 
@@ -39,6 +39,20 @@ def threshold_metrics(y_true, scores, threshold: float) -> dict:
         "f1": float(f1_score(y, pred, pos_label=1, **kw)),
         "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """(PPV, NPV) where the positive class is as common as ``prevalence``, by Bayes' rule.
+
+    Why: a split's own PPV and NPV hold only at its class mix (74% pneumonia for the shipped model's);
+    sensitivity and specificity carry over to another mix, the predictive values do not. Undefined ratios
+    are 0, as in :func:`threshold_metrics`.
+    """
+    if not all(0 <= v <= 1 for v in (sensitivity, specificity, prevalence)):
+        raise ValueError("sensitivity, specificity and prevalence must be proportions")
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return (tp / (tp + fp) if tp + fp > 0 else 0.0), (tn / (tn + fn) if tn + fn > 0 else 0.0)
 
 
 def auc_with_ci(y_true, scores, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:

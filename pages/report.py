@@ -16,6 +16,7 @@ from ui.charts import (  # noqa: E402  (plotly: cheap once page_setup has run)
     PLOTLY_CONFIG, confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
 from ui.gallery import gallery_section, uncertain_sentence  # noqa: E402
+from model.metrics import predictive_values  # noqa: E402
 from model.report import EvaluationReport, ReportError, escape_markdown  # noqa: E402
 
 uploaded_report = st.file_uploader(
@@ -64,6 +65,15 @@ st.markdown(
     f"{cm['fp']} of {cm['fp'] + cm['tn']} normal films falsely flagged (specificity {m['specificity']:.1%}). "
     + uncertain_sentence(report, t, b)
 )
+
+c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+prevalence = c1.number_input(
+    "Pneumonia prevalence where you would use it (%)", min_value=0.1, max_value=99.9, value=10.0, step=1.0,
+    format="%.1f", key="prevalence_pct",
+    help="PPV and NPV depend on how common pneumonia is; sensitivity and specificity do not. The example default "
+         "is 10%; set your own setting's.")
+ppv, npv = predictive_values(m["sensitivity"], m["specificity"], prevalence / 100)
+c2.caption(card.predictive_values_sentence(prevalence / 100, ppv, npv, float(report.y.mean()), m["ppv"], m["npv"]))
 
 points = card.operating_points(meta)
 st.dataframe(

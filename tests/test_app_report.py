@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 import model
@@ -145,6 +146,35 @@ def test_prevalence_note_only_from_a_proportion_in_the_metadata(monkeypatch, app
         assert meta.prevalence is None and card.prevalence_note(meta) is None, bad
     meta.metrics = ["not", "a", "dict"]
     assert meta.prevalence is None
+
+
+def test_predictive_values_follow_the_prevalence_and_the_threshold(monkeypatch, app_model):
+    """PPV/NPV at the prevalence the user sets, checked against the report's films reweighted to that class mix."""
+    import numpy as np
+    from sklearn.metrics import precision_score
+
+    at = open_report(monkeypatch, app_model)
+    report = json.loads((app_model / "report.json").read_text())
+    y = np.array([it["y"] for it in report["items"]])
+    s = np.array([it["score"] for it in report["items"]])
+
+    def expected(pi: float, t: float) -> str:
+        w = np.where(y == 1, pi / y.mean(), (1 - pi) / (1 - y.mean()))
+        pred = (s >= t).astype(int)
+        return (f"**PPV {precision_score(y, pred, sample_weight=w, zero_division=0):.3f}** and "
+                f"**NPV {precision_score(y, pred, pos_label=0, sample_weight=w, zero_division=0):.3f}**")
+
+    def sentence() -> str:
+        return next(c.value for c in at.caption if c.value.startswith("At ") and "prevalence" in c.value)
+
+    assert sentence().startswith("At 10.0% prevalence") and expected(0.10, at.session_state["threshold"]) in sentence()
+    at.number_input(key="prevalence_pct").set_value(40.0).run()
+    assert sentence().startswith("At 40.0% prevalence") and expected(0.40, at.session_state["threshold"]) in sentence()
+    before = sentence()
+    t = round(float(np.median(s)), 2)  # a threshold that splits this report's films
+    at.slider(key="_threshold_widget").set_value(t).run()
+    assert at.session_state["threshold"] == pytest.approx(t)
+    assert expected(0.40, t) in sentence() and sentence() != before
 
 
 def test_gate_and_faithfulness_tables_when_present(monkeypatch, app_model, tmp_path):

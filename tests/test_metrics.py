@@ -93,3 +93,21 @@ def test_at_prevalence_is_bayes_on_a_known_population():
     for bad in ((0.5, 0.0, 0.1), (0.5, 0.74, 1.0), (1.2, 0.74, 0.1), (float("nan"), 0.74, 0.1)):
         with pytest.raises(ValueError):
             at_prevalence(*bad)
+
+
+def test_predictive_values_equal_sklearn_on_a_population_reweighted_to_that_prevalence():
+    """PPV/NPV at prevalence pi are the precisions on the same films with each class reweighted to make up pi."""
+    from model.metrics import predictive_values
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    pred = np.where(rng.random(400) < 0.85, y, 1 - y)  # a classifier right 85% of the time
+    sens, spec = recall_score(y, pred, pos_label=1), recall_score(y, pred, pos_label=0)
+    for pi in (0.02, 0.1, 0.5, 0.74, 0.97):
+        w = np.where(y == 1, pi / y.mean(), (1 - pi) / (1 - y.mean()))
+        ppv, npv = predictive_values(sens, spec, pi)
+        assert ppv == pytest.approx(precision_score(y, pred, pos_label=1, sample_weight=w), rel=1e-9)
+        assert npv == pytest.approx(precision_score(y, pred, pos_label=0, sample_weight=w), rel=1e-9)
+    assert predictive_values(0.0, 1.0, 0.3) == (0.0, 0.7)  # nothing called positive: PPV undefined -> 0
+    with pytest.raises(ValueError):
+        predictive_values(0.9, 1.2, 0.1)

@@ -166,6 +166,11 @@ def prevalence_note(meta, elsewhere: float = 0.10, shown: float = 0.85) -> str |
             "and specificity do not depend on how common pneumonia is; PPV and NPV do.")
 
 
+def predictive_values_sentence(prevalence: float, ppv: float, npv: float, own: float, own_ppv: float, own_npv: float) -> str:
+    return (f"At {prevalence:.1%} prevalence this threshold's sensitivity and specificity give **PPV {ppv:.3f}** and "
+            f"**NPV {npv:.3f}** (this report's films, {own:.1%} pneumonia: PPV {own_ppv:.3f}, NPV {own_npv:.3f}).")
+
+
 def calibration_caption(report) -> str:
     if is_carved_validation(report):
         return ("The calibration was fitted on this same validation split, so the 'after' ECE is optimistic.")
