@@ -54,7 +54,7 @@ st.caption(
 )
 uploads = st.file_uploader("Chest X-rays", accept_multiple_files=True, key="uploads", on_change=_sync_uploads,
                            help="Any size from 64 px; up to 50 MB and 40 megapixels per file.")
-loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
+loaded = page_setup(__file__)  # sidebar + cached model (imports torch & co on the first visit)
 clf = loaded.clf
 
 from model import CAM_LABELS, DEFAULT_CAM_METHOD  # noqa: E402  (already imported by page_setup; cheap here)

@@ -8,7 +8,7 @@ import streamlit as st
 from ui.state import band, finish_sidebar, page_setup, stop, threshold
 
 st.title("Model report")
-loaded = page_setup()  # sidebar + cached model (imports torch & co on the first visit)
+loaded = page_setup(__file__)  # sidebar + cached model (imports torch & co on the first visit)
 clf, meta = loaded.clf, loaded.clf.meta
 
 from ui import model_card as card  # noqa: E402

@@ -168,6 +168,25 @@ def test_report_page_follows_threshold(page):
     page.screenshot(path=str(ARTIFACTS / "e2e_report.png"), full_page=True)
 
 
+def test_a_link_to_the_report_as_the_first_visit_opens_the_whole_app(browser):
+    """On a fresh server (no session has called st.navigation yet) Streamlit would run pages/report.py alone,
+    as a legacy pages/ folder: no page config, its own file-name navigation. It must open the app's report."""
+    from benchmarks.harness import StreamlitServer
+
+    with StreamlitServer() as fresh:
+        ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+        page = ctx.new_page()
+        page.goto(fresh.url + "/report")
+        wait_app_ready(page, timeout_ms=300_000)
+        page.get_by_text("ROC curve").first.wait_for(timeout=SLOW)
+        wait_idle(page)
+        nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert "Model report" in nav and "Diagnose" in nav and "streamlit app" not in nav.lower(), nav
+        assert page.url.rstrip("/").endswith("/report")
+        assert page.title() == "Chest X-ray pneumonia screening (research)"  # the entrypoint's page config ran
+        ctx.close()
+
+
 def test_concurrent_sessions_all_complete(browser, server, real_images):
     """Several browser sessions upload at once; every one gets its result."""
     files = real_images["NORMAL"][:2] + real_images["PNEUMONIA"][:2]

@@ -118,12 +118,24 @@ def get_loaded() -> tuple[Loaded | None, str | None]:
         return None, f"The model in `{directory}` could not be loaded: {err}"
 
 
-def page_setup() -> Loaded:
+ENTERED = "_entered_via_entrypoint"  # set by streamlit_app.py before it runs a page
+DEEP_LINK = "_deep_link"  # the page file a first visitor asked for, while it goes through the entrypoint
+
+
+def page_setup(page_file: str | None = None) -> Loaded:
     """Every page starts here: the shared sidebar, then the model or a clear error page.
 
     Pages render the sidebar themselves (rather than the entrypoint) so it is present on every
     run, including reruns that Streamlit's AppTest executes page-only.
+
+    ``page_file`` (the page's ``__file__``): until some session has called ``st.navigation``, Streamlit
+    treats ``pages/`` as a legacy multipage folder, so a link straight to ``/report`` as the first visit
+    after the server starts runs that file alone, without the entrypoint's page config and navigation.
+    Such a run goes through the entrypoint, which then opens the page that was asked for.
     """
+    if page_file and not st.session_state.get(ENTERED):
+        st.session_state[DEEP_LINK] = Path(page_file).name
+        st.switch_page("streamlit_app.py")
     loaded, error = get_loaded()
     sidebar(loaded)
     if loaded is None:
