@@ -1,8 +1,9 @@
 """Binary-classification metrics from scikit-learn, shared by the evaluate CLI and the report page.
 
 Only what scikit-learn lacks is written here: the bootstrap CI for AUC, expected calibration error,
-predictive values at another prevalence, and choosing operating points from the ROC curve. scikit-learn is imported inside the functions
-(it costs ~2.5 s), so importing this module on the prediction path stays cheap.
+predictive values at another prevalence, and choosing operating points from the ROC curve.
+scikit-learn is imported inside the functions (it costs ~2.5 s), so importing this module on the
+prediction path stays cheap.
 """
 
 from __future__ import annotations
