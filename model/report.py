@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import reliability, threshold_metrics
+from .metrics import predictive_values, reliability, threshold_metrics
 
 from .decision import DECISIONS, decide  # noqa: F401  (re-exported: older callers import them from here)
 
@@ -223,3 +223,26 @@ class EvaluationReport:
     def at(self, threshold: float) -> dict:
         """Accuracy, sensitivity, specificity, PPV, NPV, F1 and confusion matrix at ``threshold``."""
         return threshold_metrics(self.y, self.scores, threshold)
+
+    def summary_at(self, threshold: float, prevalence: float | None = None) -> dict:
+        """The report page's figures at ``threshold`` as one JSON-ready record (its download): which model and
+        split they were measured on, AUC, the threshold's metrics, and PPV/NPV moved to ``prevalence``.
+
+        Only validated fields are echoed, so a loaded report cannot put arbitrary content into the download.
+        """
+        m = self.at(threshold)
+        sha = (self.data.get("model") or {}).get("weights_sha256")
+        out = {
+            "model": self.model_name,
+            "weights_sha256": sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None,
+            "split": self.split,
+            "n": self.n,
+            "n_pneumonia": int(self.y.sum()),
+            "auc": {"value": self.auc, "ci95": list(self.auc_ci) if self.auc_ci else None},
+            "at_threshold": m,
+            "note": "As measured on this split; other data may differ. A research and education tool, not a medical device.",
+        }
+        if prevalence is not None:
+            ppv, npv = predictive_values(m["sensitivity"], m["specificity"], prevalence)
+            out["at_prevalence"] = {"prevalence": float(prevalence), "ppv": ppv, "npv": npv}
+        return out

@@ -3,6 +3,8 @@
 The title is drawn before the heavy imports so the page appears at once on a cold start.
 """
 
+import json
+
 import streamlit as st
 
 from ui.state import band, finish_sidebar, page_setup, stop, threshold
@@ -16,7 +18,6 @@ from ui.charts import (  # noqa: E402  (plotly: cheap once page_setup has run)
     PLOTLY_CONFIG, confusion_figure, histogram_figure, pr_figure, reliability_figure, roc_figure, training_curves_figure,
 )
 from ui.gallery import gallery_section, uncertain_sentence  # noqa: E402
-from model.metrics import predictive_values  # noqa: E402
 from model.report import EvaluationReport, ReportError, escape_markdown  # noqa: E402
 
 uploaded_report = st.file_uploader(
@@ -72,7 +73,8 @@ prevalence = c1.number_input(
     format="%.1f", key="prevalence_pct",
     help="PPV and NPV depend on how common pneumonia is; sensitivity and specificity do not. The example default "
          "is 10%; set your own setting's.")
-ppv, npv = predictive_values(m["sensitivity"], m["specificity"], prevalence / 100)
+summary = report.summary_at(t, prevalence / 100)
+ppv, npv = summary["at_prevalence"]["ppv"], summary["at_prevalence"]["npv"]
 c2.caption(card.predictive_values_sentence(prevalence / 100, ppv, npv, float(report.y.mean()), m["ppv"], m["npv"]))
 
 points = card.operating_points(meta)
@@ -81,6 +83,11 @@ st.dataframe(
       ("sensitivity", "specificity", "ppv", "npv")}} for name, v in points.items()],
     hide_index=True, width="content", key="points",
 )
+st.download_button(
+    "Figures at this threshold (JSON)", json.dumps(summary, indent=2), f"cxr_report_t{t:.3f}.json",
+    "application/json", icon=":material/download:", key="dl_summary", on_click="ignore",
+    help="AUC, the metrics at this threshold and PPV/NPV at the prevalence set above, with the model and split they "
+         "were measured on.")
 
 st.subheader("Where it goes wrong")
 st.caption("The films of this report the model gets wrong at the current threshold, most confidently wrong first. "

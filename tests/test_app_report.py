@@ -175,6 +175,8 @@ def test_predictive_values_follow_the_prevalence_and_the_threshold(monkeypatch, 
     at.slider(key="_threshold_widget").set_value(t).run()
     assert at.session_state["threshold"] == pytest.approx(t)
     assert expected(0.40, t) in sentence() and sentence() != before
+    [button] = [b for b in at.download_button if b.label == "Figures at this threshold (JSON)"]
+    assert "PPV/NPV at the prevalence" in button.help
 
 
 def test_gate_and_faithfulness_tables_when_present(monkeypatch, app_model, tmp_path):

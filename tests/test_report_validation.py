@@ -191,3 +191,22 @@ def test_report_without_bootstrap_is_valid_and_shown_without_an_interval():
     assert report.auc_ci is None
     d["calibration"] = {"uncalibrated": {"ece": 0.1}, "calibrated": {"ece": 0.05}, "temperature": 1.0}
     assert "no CI: --n-boot 0" in format_report(d)
+
+
+def test_summary_at_holds_the_page_figures_and_only_validated_fields():
+    r = EvaluationReport(good_report())
+    s = r.summary_at(0.5, prevalence=0.1)
+    # threshold 0.5 on the six films: TP 2 (0.8, 0.95), FN 1 (0.4), TN 2 (0.1, 0.3), FP 1 (0.6)
+    assert s["at_threshold"]["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 2}
+    assert s["at_threshold"] == r.at(0.5)
+    sens = spec = 2 / 3  # at 10% prevalence: PPV = 0.1 * 2/3 / (0.1 * 2/3 + 0.9 * 1/3)
+    assert s["at_prevalence"] == {"prevalence": 0.1, "ppv": pytest.approx(0.1 * sens / (0.1 * sens + 0.9 * (1 - spec))),
+                                  "npv": pytest.approx(0.9 * spec / (0.9 * spec + 0.1 * (1 - sens)))}
+    assert (s["model"], s["split"], s["n"], s["n_pneumonia"]) == ("m", "val", 6, 3)
+    assert s["auc"] == {"value": 0.78, "ci95": [0.5, 1.0]} and s["weights_sha256"] == "ab" * 32
+    assert json.loads(json.dumps(s, allow_nan=False)) == s  # plain JSON: the page's download
+    assert "at_prevalence" not in r.summary_at(0.5)
+    for hostile in ("<img src=x>", {"a": 1}, "AB" * 32, 7):  # not echoed into the download
+        d = good_report()
+        d["model"]["weights_sha256"] = hostile
+        assert EvaluationReport(d).summary_at(0.5)["weights_sha256"] is None
