@@ -5,7 +5,9 @@ Same server pattern as tests/test_e2e_browser.py; screenshots go to test-artifac
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +50,20 @@ def test_gallery_thumbnail_opens_film_with_heatmap(page):
     page.screenshot(path=str(ARTIFACTS / "e2e_report_gallery.png"), full_page=True)
     page.get_by_role("button", name="Close").click()
     page.get_by_text("Where the model looked (Grad-CAM").first.wait_for(state="detached", timeout=30_000)
+
+
+def test_figures_download_says_what_the_page_shows(page):
+    page.get_by_role("link", name="Model report").click()
+    button = page.get_by_role("button", name="Figures at this threshold (JSON)")
+    button.wait_for(timeout=60_000)
+    wait_idle(page)
+    with page.expect_download() as info:
+        button.click()
+    figures = json.loads(Path(info.value.path()).read_text())
+    cm, pv = figures["at_threshold"]["confusion_matrix"], figures["at_prevalence"]
+    assert sum(cm.values()) == figures["n"] and cm["tp"] + cm["fn"] == figures["n_pneumonia"]
+    # the same threshold's counts and the same prevalence's PPV/NPV as the page states them
+    assert page.get_by_text(f"{cm['tp']} of {cm['tp'] + cm['fn']} pneumonia films flagged").count() == 1
+    assert pv["prevalence"] == pytest.approx(0.10)  # the page's default
+    sentence = page.get_by_text(re.compile(r"^At 10\.0% prevalence")).inner_text()
+    assert f"PPV {pv['ppv']:.3f}" in sentence and f"NPV {pv['npv']:.3f}" in sentence
