@@ -51,10 +51,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import model
-from model.decision import DEFAULT_BAND, NOT_ASSESSED, decide
+from model.decision import DEFAULT_BAND, DISCLAIMER, NOT_ASSESSED, decide
 from model.preprocessing import MAX_FILE_BYTES
 
-DISCLAIMER = "Research/education tool, not a medical device."
 MULTIPART_OVERHEAD = 1 << 20  # room for boundaries, part headers and small text fields around one file
 MAX_BATCH_FILES = 32
 MAX_BATCH_BYTES = 256 * 1024 * 1024

@@ -17,7 +17,7 @@ _EXPORTS = {
     "artifact": ["ModelArtifactError", "ModelMeta", "load_artifact", "read_meta", "save_artifact"],
     "classifier": ["CAM_LABELS", "CAM_METHODS", "DEFAULT_CAM_METHOD", "Analysis", "Classifier", "Prediction", "default_model_dir",
                    "load_model", "overlay"],
-    "decision": ["DEFAULT_BAND", "NOT_ASSESSED", "at_prevalence", "decide"],
+    "decision": ["DEFAULT_BAND", "DISCLAIMER", "NOT_ASSESSED", "at_prevalence", "decide"],
     "gate": ["InputCheck"],
     "preprocessing": ["MAX_PIXELS", "DecodedImage", "InvalidImageError", "decode", "decode_image", "load_square", "normalize", "preprocess",
                       "resize_square"],

@@ -6,6 +6,7 @@ The app, the API and the batch CLI all import these, so one file gets the same a
 
 from __future__ import annotations
 
+DISCLAIMER = "Research/education tool, not a medical device."  # with every answer the API, CLI and downloads give
 DEFAULT_BAND = 0.05  # with a high screening threshold (~0.9) a wider default band would swallow confident calls
 NOT_ASSESSED = "NOT_ASSESSED"
 DECISIONS = ("PNEUMONIA", "NORMAL", "UNCERTAIN", NOT_ASSESSED)

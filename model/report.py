@@ -17,7 +17,7 @@ import numpy as np
 
 from .metrics import predictive_values, reliability, threshold_metrics
 
-from .decision import DECISIONS, decide  # noqa: F401  (re-exported: older callers import them from here)
+from .decision import DECISIONS, DISCLAIMER, decide  # noqa: F401  (DECISIONS, decide re-exported: older callers import them here)
 
 
 MAX_REPORT_BYTES = 64 * 1024 * 1024  # ~100x a 5,000-image report; larger files are refused unread
@@ -240,7 +240,7 @@ class EvaluationReport:
             "n_pneumonia": int(self.y.sum()),
             "auc": {"value": self.auc, "ci95": list(self.auc_ci) if self.auc_ci else None},
             "at_threshold": m,
-            "note": "As measured on this split; other data may differ. A research and education tool, not a medical device.",
+            "note": f"As measured on this split; other data may differ. {DISCLAIMER}",
         }
         if prevalence is not None:
             ppv, npv = predictive_values(m["sensitivity"], m["specificity"], prevalence)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .classifier import Classifier
-from .decision import decide
+from .decision import DISCLAIMER, decide
 from .gate import UNCHECKED, InputCheck
 from .preprocessing import InvalidImageError, decode, resize_square
 
@@ -138,13 +138,15 @@ def record(result: UploadResult, clf: Classifier, threshold: float, band: float)
 
 
 def json_record(rec: dict, result: UploadResult | None = None) -> dict:
-    """The JSON form of a record: the input check as one object (as the API returns it), DICOM tags when present."""
+    """The JSON form of a record: the input check as one object and the disclaimer (as the API returns them), DICOM
+    tags when present."""
     out = {k: v for k, v in rec.items() if not k.startswith("input_")}
     if rec.get("input_flagged") is not None:
         out["input_check"] = {"flagged": rec["input_flagged"], "score": rec["input_check_score"],
                               "reason": rec["input_check_reason"] or None}
     if result is not None and result.dicom:
         out["dicom"] = dict(result.dicom)
+    out["disclaimer"] = DISCLAIMER
     return out
 
 

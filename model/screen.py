@@ -289,11 +289,10 @@ def screen(clf, todo: list[str], sink: Sink, ctx: dict, batch_size: int, workers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .decision import DEFAULT_BAND
+    from .decision import DEFAULT_BAND, DISCLAIMER
 
     ap = argparse.ArgumentParser(prog="python -m model.screen", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 description="Screen every image under PATH(s) for pneumonia; one row per input. "
-                                             "Research/education tool, not a medical device.")
+                                 description="Screen every image under PATH(s) for pneumonia; one row per input. " + DISCLAIMER)
     ap.add_argument("paths", nargs="+", metavar="PATH", help="image or DICOM files, folders, or a CSV manifest with a 'path' column")
     ap.add_argument("--out", required=True, type=Path, help="results file; rerunning with the same --out resumes")
     ap.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="results file format")

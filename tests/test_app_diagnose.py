@@ -93,6 +93,7 @@ def test_batch_table_and_records_carry_the_check(at, flagging_gate, real_images,
     assert rows[1]["input_flagged"] == "False" and rows[1]["decision"] in ("PNEUMONIA", "NORMAL", "UNCERTAIN")
     js = json.loads(json.dumps(json_record(recs[0], results[0])))
     assert js["decision"] == "NOT_ASSESSED" and js["input_check"] == {"flagged": True, "score": 9.5, "reason": REASON}
+    assert "not a medical device" in js["disclaimer"]
 
 
 def test_uploads_survive_a_visit_to_the_report_page(at, real_images):

@@ -205,6 +205,7 @@ def test_summary_at_holds_the_page_figures_and_only_validated_fields():
     assert (s["model"], s["split"], s["n"], s["n_pneumonia"]) == ("m", "val", 6, 3)
     assert s["auc"] == {"value": 0.78, "ci95": [0.5, 1.0]} and s["weights_sha256"] == "ab" * 32
     assert json.loads(json.dumps(s, allow_nan=False)) == s  # plain JSON: the page's download
+    assert "not a medical device" in s["note"]
     assert "at_prevalence" not in r.summary_at(0.5)
     for hostile in ("<img src=x>", {"a": 1}, "AB" * 32, 7):  # not echoed into the download
         d = good_report()
