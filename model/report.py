@@ -17,8 +17,7 @@ import numpy as np
 
 from .metrics import predictive_values, reliability, threshold_metrics
 
-from .decision import DISCLAIMER
-from .decision import DECISIONS, decide  # noqa: F401  (re-exported: older callers import them from here)
+from .decision import DECISIONS, DISCLAIMER, decide  # noqa: F401  (DECISIONS, decide: re-exported for older callers)
 
 
 MAX_REPORT_BYTES = 64 * 1024 * 1024  # ~100x a 5,000-image report; larger files are refused unread
