@@ -154,6 +154,7 @@ class EvaluationReport:
         self.scores_uncalibrated = np.array([it.get("score_uncalibrated", it["score"]) for it in items], dtype=float)
         self.files = [it["file"] for it in items]
         self.data = data
+        self._at: dict[float, dict] = {}
 
     @classmethod
     def from_path(cls, path: str | Path) -> "EvaluationReport":
@@ -221,8 +222,19 @@ class EvaluationReport:
         return reliability(self.y, self.scores_uncalibrated)
 
     def at(self, threshold: float) -> dict:
-        """Accuracy, sensitivity, specificity, PPV, NPV, F1 and confusion matrix at ``threshold``."""
-        return threshold_metrics(self.y, self.scores, threshold)
+        """Accuracy, sensitivity, specificity, PPV, NPV, F1 and confusion matrix at ``threshold``.
+
+        Memoised per threshold: one rerun of the report page asks for the same threshold's metrics from the
+        sidebar, the tiles, two charts and the download (~14 ms of scikit-learn each on 1034 films). A copy is
+        returned, so no caller can change another's figures; the memo is bounded (the report is shared by sessions).
+        """
+        key = float(threshold)
+        m = self._at.get(key)
+        if m is None:
+            if len(self._at) >= 4096:
+                self._at.clear()
+            m = self._at[key] = threshold_metrics(self.y, self.scores, key)
+        return {**m, "confusion_matrix": dict(m["confusion_matrix"])}
 
     def summary_at(self, threshold: float, prevalence: float | None = None) -> dict:
         """The report page's figures at ``threshold`` as one JSON-ready record (its download): which model and

@@ -211,3 +211,13 @@ def test_summary_at_holds_the_page_figures_and_only_validated_fields():
         d = good_report()
         d["model"]["weights_sha256"] = hostile
         assert EvaluationReport(d).summary_at(0.5)["weights_sha256"] is None
+
+
+def test_metrics_at_a_threshold_are_memoised_as_copies():
+    from model.metrics import threshold_metrics
+
+    r = EvaluationReport(good_report())
+    first = r.at(0.5)
+    first["f1"], first["confusion_matrix"]["tp"] = 9.0, -1  # a caller scribbling on its figures
+    assert r.at(0.5) == threshold_metrics(r.y, r.scores, 0.5)
+    assert r.at(0.7) != r.at(0.5) and len(r._at) == 2
