@@ -141,8 +141,10 @@ def test_fine_tuning_keeps_the_parents_validation_films(trained, data_dir, cache
     training = model.load_model(child).meta.training
     assert training["split_from"] == str(trained / "split.csv") and training["hyperparameters"]["served_consistency"] == 50
     fresh = train(tmp_path / "fresh", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained),
-                  "--split-file", "")
+                  "--split-file", "", "--consistency-symmetric", "--consistency-tail", "0.5")  # both views trained
     assert val(fresh) != val(trained)
+    hyper = model.load_model(fresh).meta.training["hyperparameters"]
+    assert hyper["consistency_symmetric"] is True and hyper["consistency_tail"] == 0.5
 
 
 def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
@@ -166,6 +168,21 @@ def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
     answer = ref + torch.tensor([[0.0, 0.3], [0.0, -0.2], [0.0, 0.1], [0.0, -0.4]])
     assert float(train_cli.consistency_loss(answer * 0.5, ref, "logit")) > float(train_cli.consistency_loss(answer, ref, "logit"))
 
+
+def test_consistency_tail_averages_only_the_worst_films(tmp_path):
+    """--consistency-tail 0.25 on 8 films: the mean of the 2 largest squared log-odds changes, over the same
+    spread as the full term; 1.0 is the plain mean."""
+    import torch
+
+    ref = torch.zeros(8, 2)
+    shifts = torch.tensor([0.1, -0.2, 0.0, 1.0, 0.3, -2.0, 0.05, 0.0])
+    answer = ref.clone()
+    answer[:, 1] += shifts
+    spread = float(shifts.var(unbiased=False))
+    assert float(train_cli.consistency_loss(answer, ref, "logit", 0.25)) == pytest.approx((4.0 + 1.0) / 2 / spread)
+    assert float(train_cli.consistency_loss(answer, ref, "logit")) == pytest.approx(float(shifts.pow(2).mean()) / spread)
+    with pytest.raises(train_cli.DataError, match="--consistency-tail must be"):  # a fraction outside (0, 1]
+        train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--consistency-tail", "0"]))
 
 
 def test_consistency_weight_ramps_from_zero_only_when_asked():

@@ -99,8 +99,9 @@ def autocast(args):
     return torch.autocast(args.device.type, dtype=dtype, enabled=args.amp)
 
 
-def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = "logit") -> torch.Tensor:
-    """How far a perturbed copy's output is from its film's (``reference`` carries no gradient).
+def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = "logit", tail: float = 1.0) -> torch.Tensor:
+    """How far a perturbed copy's output is from its film's (``reference`` carries a gradient only with
+    ``--consistency-symmetric``).
 
     ``logit``: squared log-odds difference over the batch's variance of log-odds. Why log-odds, not KL:
     calibration moves the served boundary to where the raw softmax is far from 0.5 (v2's served p = 0.5 sat
@@ -108,12 +109,18 @@ def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = 
     Why divided by the spread: a plain squared difference is also met by shrinking every logit, which
     calibration then scales back up, differences included (measured: the class gap halved, the relative
     change grew).
+
+    ``tail`` < 1 averages only the batch's largest fraction of squared differences (a CVaR): the target is a
+    maximum over films and exports, and a mean spends its pull on the many films that already hold still.
     """
     if kind == "kl":
         return nn.functional.kl_div(torch.log_softmax(logits, 1), torch.softmax(reference, 1), reduction="batchmean")
     log_odds = logits[:, 1] - logits[:, 0]
-    diff = log_odds - (reference[:, 1] - reference[:, 0])
-    return diff.pow(2).mean() / log_odds.var(unbiased=False).clamp(min=1e-3)
+    ref_odds = reference[:, 1] - reference[:, 0]
+    sq = (log_odds - ref_odds).pow(2)
+    if tail < 1.0:
+        sq = sq.topk(max(1, math.ceil(tail * sq.numel()))).values
+    return sq.mean() / log_odds.var(unbiased=False).clamp(min=1e-3)
 
 
 def consistency_weight(args, epoch: int, step: int, steps: int) -> float:
@@ -150,13 +157,18 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
         with autocast(args):
             if images.ndim == 5:  # (film, same film exported differently): CE on the second, both scored alike
                 reference, images = _channels_last(images[:, 0], args), _channels_last(images[:, 1], args)
-                with torch.no_grad():
-                    reference_logits = model(reference).float()
-                logits = model(images).float()
+                if args.consistency_symmetric:  # both views in one batch, both trained: the film moves too
+                    reference_logits, logits = model(torch.cat([reference, images])).float().chunk(2)
+                    classification = (criterion(logits, target) + criterion(reference_logits, target)) / 2
+                else:
+                    with torch.no_grad():
+                        reference_logits = model(reference).float()
+                    logits = model(images).float()
+                    classification = criterion(logits, target)
                 weight = consistency_weight(args, epoch, step, len(loader))
-                term = weight * consistency_loss(logits, reference_logits, args.consistency_loss)
+                term = weight * consistency_loss(logits, reference_logits, args.consistency_loss, args.consistency_tail)
                 invariance += term.item() * len(target)
-                loss = criterion(logits, target) + term
+                loss = classification + term
                 if args.served_consistency > 0:
                     loss = loss + args.served_consistency * served_consistency_loss(logits, reference_logits,
                                                                                     *args.served_calibration)
@@ -293,6 +305,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--consistency-loss", default="logit", choices=("logit", "kl"),
                    help="logit: squared log-odds difference over the batch's log-odds variance (scale-free, holds where the "
                         "served boundary is); kl: KL of the softmax")
+    p.add_argument("--consistency-symmetric", action="store_true",
+                   help="train both views (one batch, gradient through the film's own output too); default: the "
+                        "film's output is a fixed reference and only the perturbed copy is trained")
+    p.add_argument("--consistency-tail", default=1.0, type=float,
+                   help="average the consistency term over only this largest fraction of each batch's films (a CVaR "
+                        "aimed at the worst export, which the robustness target measures); 1: all films")
     p.add_argument("--consistency-warmup", default=0.0, type=float,
                    help="epochs over which the consistency weight ramps linearly from 0 (training from scratch)")
     p.add_argument("--served-consistency", default=0.0, type=float,
@@ -366,6 +384,8 @@ def main(args) -> Path | None:
         raise DataError("--epochs must be positive (0 only with --init-from: re-finalise that model's weights).")
     if not (0 <= args.equalize_sigma <= 16 and 0 <= args.band_limit <= 4):
         raise DataError("--equalize-sigma must be 0-16 (pixels) and --band-limit 0-4 (units of Nyquist).")
+    if not 0 < args.consistency_tail <= 1:
+        raise DataError("--consistency-tail must be in (0, 1]: the fraction of each batch the consistency term averages.")
     if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
         raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
                         "and the consistency pair (--consistency > 0, --perturb-p > 0).")
@@ -569,7 +589,8 @@ def main(args) -> Path | None:
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "equalize_sigma", "match_spectrum", "band_limit", "perturb_p", "consistency", "consistency_loss",
-                                                               "consistency_warmup", "served_consistency", "clip_grad_norm",
+                                                               "consistency_warmup", "consistency_symmetric", "consistency_tail",
+                                                               "served_consistency", "clip_grad_norm",
                                                                "bn_update", "amp")},
         },
     )
