@@ -185,6 +185,34 @@ def test_consistency_tail_averages_only_the_worst_films(tmp_path):
         train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--consistency-tail", "0"]))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_symmetric_consistency_trains_the_films_own_view(symmetric):
+    """One step on (film, perturbed copy) pairs: by default the film's output is a fixed reference, so swapping
+    in another film leaves the update unchanged when the copies and the consistency term are the same;
+    --consistency-symmetric trains the film's view too, so the update follows the film."""
+    import torch
+
+    flags = ["--out", "x", "--consistency", "0", "--quiet"] + (["--consistency-symmetric"] if symmetric else [])
+    args = train_cli.get_args_parser().parse_args(flags)
+    args.device, args.amp, args.channels_last, args.world_size, args.rank, args.distributed = (
+        torch.device("cpu"), False, False, 1, 0, False)
+    gen = torch.Generator().manual_seed(0)
+    copies, other_films = torch.randn(8, 1, 1, 4, 4, generator=gen), torch.randn(2, 8, 1, 1, 4, 4, generator=gen)
+    target = torch.tensor([0, 1] * 4)
+
+    def updated(films):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        train_cli.train_one_epoch(net, torch.nn.CrossEntropyLoss(), opt, sched, [(torch.cat([films, copies], 1), target)],
+                                  args, 0)
+        return net[1].weight.detach().clone()
+
+    a, b = updated(other_films[0]), updated(other_films[1])
+    assert torch.equal(a, b) != symmetric
+
+
 def test_consistency_weight_ramps_from_zero_only_when_asked():
     """From scratch the invariance term ramps in over --consistency-warmup epochs; fine-tuning starts at full weight."""
     args = train_cli.get_args_parser().parse_args(["--out", "x", "--consistency", "40", "--consistency-warmup", "2"])
