@@ -299,7 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's own)")
     ap.add_argument("--band", type=float, default=DEFAULT_BAND, help="UNCERTAIN within +/- band of the threshold")
     ap.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    ap.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="also write heatmap overlay PNGs (Grad-CAM++, full resolution) here (from the scoring pass; each file is decoded again for the background)")
+    ap.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="also write heatmap overlay PNGs (the default heatmap method, Grad-CAM at the last block; full resolution) here (from the scoring pass; each file is decoded again for the background)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     ap.add_argument("--workers", type=int, default=default_workers(), help="decoding processes (0: decode in the main process)")
     ap.add_argument("--model", type=Path, default=None, metavar="DIR", help="model artifact folder (default: $CXR_MODEL_DIR or assets/model)")
