@@ -141,10 +141,11 @@ def test_fine_tuning_keeps_the_parents_validation_films(trained, data_dir, cache
     training = model.load_model(child).meta.training
     assert training["split_from"] == str(trained / "split.csv") and training["hyperparameters"]["served_consistency"] == 50
     fresh = train(tmp_path / "fresh", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained),
-                  "--split-file", "", "--consistency-symmetric", "--consistency-tail", "0.5")  # both views trained
+                  "--split-file", "", "--consistency-symmetric", "--consistency-tail", "0.5",  # both views trained
+                  "--consistency-tail-by", "served")
     assert val(fresh) != val(trained)
     hyper = model.load_model(fresh).meta.training["hyperparameters"]
-    assert hyper["consistency_symmetric"] is True and hyper["consistency_tail"] == 0.5
+    assert hyper["consistency_symmetric"] is True and hyper["consistency_tail"] == 0.5 and hyper["consistency_tail_by"] == "served"
 
 
 def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
@@ -183,6 +184,26 @@ def test_consistency_tail_averages_only_the_worst_films(tmp_path):
     assert float(train_cli.consistency_loss(answer, ref, "logit")) == pytest.approx(float(shifts.pow(2).mean()) / spread)
     with pytest.raises(train_cli.DataError, match="--consistency-tail must be"):  # a fraction outside (0, 1]
         train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--consistency-tail", "0"]))
+
+
+def test_consistency_tail_by_served_keeps_the_films_near_the_boundary(tmp_path):
+    """Ranked by the served probability's change, the tail keeps a modest log-odds change at the served
+    boundary over a larger one on a confident film, whose shown probability does not move."""
+    import torch
+
+    t, b = 0.8, 4.4  # served p = 0.5 at raw margin -3.52
+    ref = torch.tensor([[0.0, -3.52], [0.0, 9.0], [0.0, -12.0], [0.0, 6.0]])
+    answer = ref.clone()
+    answer[:, 1] += torch.tensor([0.3, 2.0, 0.0, 0.1])
+    moved = train_cli.served_change(answer, ref, t, b)
+    assert int(moved.argmax()) == 0 and float(moved[1]) < 0.01 < float(moved[0])
+    spread = float((answer[:, 1] - answer[:, 0]).var(unbiased=False))
+    by_served = float(train_cli.consistency_loss(answer, ref, "logit", 0.25, rank=moved))
+    by_logit = float(train_cli.consistency_loss(answer, ref, "logit", 0.25))
+    assert by_served == pytest.approx(0.3 ** 2 / spread, rel=1e-5) and by_logit == pytest.approx(2.0 ** 2 / spread, rel=1e-5)
+    with pytest.raises(train_cli.DataError, match="needs --init-from"):
+        train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--consistency-tail", "0.25",
+                                                                "--consistency-tail-by", "served"]))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -99,7 +99,8 @@ def autocast(args):
     return torch.autocast(args.device.type, dtype=dtype, enabled=args.amp)
 
 
-def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = "logit", tail: float = 1.0) -> torch.Tensor:
+def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = "logit", tail: float = 1.0,
+                     rank: torch.Tensor | None = None) -> torch.Tensor:
     """How far a perturbed copy's output is from its film's (``reference`` carries a gradient only with
     ``--consistency-symmetric``).
 
@@ -112,6 +113,8 @@ def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = 
 
     ``tail`` < 1 averages only the batch's largest fraction of squared differences (a CVaR): the target is a
     maximum over films and exports, and a mean spends its pull on the many films that already hold still.
+    ``rank`` (no gradient) picks that fraction instead, e.g. by how far the *served* probability moved: a large
+    log-odds change on a confident film moves nothing a user sees.
     """
     if kind == "kl":
         return nn.functional.kl_div(torch.log_softmax(logits, 1), torch.softmax(reference, 1), reduction="batchmean")
@@ -119,7 +122,8 @@ def consistency_loss(logits: torch.Tensor, reference: torch.Tensor, kind: str = 
     ref_odds = reference[:, 1] - reference[:, 0]
     sq = (log_odds - ref_odds).pow(2)
     if tail < 1.0:
-        sq = sq.topk(max(1, math.ceil(tail * sq.numel()))).values
+        k = max(1, math.ceil(tail * sq.numel()))
+        sq = sq.topk(k).values if rank is None else sq[rank.detach().topk(k).indices]
     return sq.mean() / log_odds.var(unbiased=False).clamp(min=1e-3)
 
 
@@ -144,8 +148,13 @@ def served_consistency_loss(logits: torch.Tensor, reference: torch.Tensor, tempe
     model's (``--init-from``), held fixed, so the term can also be met by pushing films off that boundary
     (measured on v3: max change under sharpening 0.214 -> 0.124, but validation AUC -0.0009; docs/recipes.md).
     """
+    return served_change(logits, reference, temperature, bias).pow(2).mean()
+
+
+def served_change(logits: torch.Tensor, reference: torch.Tensor, temperature: float, bias: float) -> torch.Tensor:
+    """Per film, how far the served (calibrated) probability of the perturbed copy is from the film's."""
     served = [calibrated_probs(z, temperature, bias, as_numpy=False) for z in (logits, reference)]
-    return (served[0] - served[1]).pow(2).mean()
+    return (served[0] - served[1]).abs()
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None) -> dict:
@@ -166,7 +175,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
                     logits = model(images).float()
                     classification = criterion(logits, target)
                 weight = consistency_weight(args, epoch, step, len(loader))
-                term = weight * consistency_loss(logits, reference_logits, args.consistency_loss, args.consistency_tail)
+                rank = None
+                if args.consistency_tail_by == "served":  # the films whose shown probability moved most
+                    rank = served_change(logits.detach(), reference_logits.detach(), *args.served_calibration)
+                term = weight * consistency_loss(logits, reference_logits, args.consistency_loss, args.consistency_tail, rank)
                 invariance += term.item() * len(target)
                 loss = classification + term
                 if args.served_consistency > 0:
@@ -311,6 +323,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--consistency-tail", default=1.0, type=float,
                    help="average the consistency term over only this largest fraction of each batch's films (a CVaR "
                         "aimed at the worst export, which the robustness target measures); 1: all films")
+    p.add_argument("--consistency-tail-by", default="logit", choices=("logit", "served"),
+                   help="which films --consistency-tail keeps: the largest log-odds changes, or the largest changes of the "
+                        "served probability under the --init-from model's calibration (films near the decision boundary)")
     p.add_argument("--consistency-warmup", default=0.0, type=float,
                    help="epochs over which the consistency weight ramps linearly from 0 (training from scratch)")
     p.add_argument("--served-consistency", default=0.0, type=float,
@@ -386,6 +401,8 @@ def main(args) -> Path | None:
         raise DataError("--equalize-sigma must be 0-16 (pixels) and --band-limit 0-4 (units of Nyquist).")
     if not 0 < args.consistency_tail <= 1:
         raise DataError("--consistency-tail must be in (0, 1]: the fraction of each batch the consistency term averages.")
+    if args.consistency_tail_by == "served" and not args.init_from:
+        raise DataError("--consistency-tail-by served needs --init-from (its calibration defines the served probability).")
     if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
         raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
                         "and the consistency pair (--consistency > 0, --perturb-p > 0).")
@@ -589,7 +606,7 @@ def main(args) -> Path | None:
             "hyperparameters": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "equalize_sigma", "match_spectrum", "band_limit", "perturb_p", "consistency", "consistency_loss",
-                                                               "consistency_warmup", "consistency_symmetric", "consistency_tail",
+                                                               "consistency_warmup", "consistency_symmetric", "consistency_tail", "consistency_tail_by",
                                                                "served_consistency", "clip_grad_norm",
                                                                "bn_update", "amp")},
         },
