@@ -184,6 +184,9 @@ def test_consistency_tail_averages_only_the_worst_films(tmp_path):
     assert float(train_cli.consistency_loss(answer, ref, "logit")) == pytest.approx(float(shifts.pow(2).mean()) / spread)
     with pytest.raises(train_cli.DataError, match="--consistency-tail must be"):  # a fraction outside (0, 1]
         train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--consistency-tail", "0"]))
+    with pytest.raises(train_cli.DataError, match="needs --consistency-loss logit"):  # KL has no per-film tail
+        train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x"), "--consistency-tail", "0.5",
+                                                                "--consistency-loss", "kl"]))
 
 
 def test_consistency_tail_by_served_keeps_the_films_near_the_boundary(tmp_path):

@@ -164,7 +164,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
     for step, (images, target) in enumerate(bar):
         images, target = images.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
         with autocast(args):
-            if images.ndim == 5:  # (film, same film exported differently): CE on the second, both scored alike
+            if images.ndim == 5:  # (film, same film exported differently): CE on the second (both if symmetric), both scored alike
                 reference, images = _channels_last(images[:, 0], args), _channels_last(images[:, 1], args)
                 if args.consistency_symmetric:  # both views in one batch, both trained: the film moves too
                     reference_logits, logits = model(torch.cat([reference, images])).float().chunk(2)
@@ -401,6 +401,8 @@ def main(args) -> Path | None:
         raise DataError("--equalize-sigma must be 0-16 (pixels) and --band-limit 0-4 (units of Nyquist).")
     if not 0 < args.consistency_tail <= 1:
         raise DataError("--consistency-tail must be in (0, 1]: the fraction of each batch the consistency term averages.")
+    if args.consistency_tail < 1 and args.consistency_loss != "logit":
+        raise DataError("--consistency-tail averages the log-odds term: it needs --consistency-loss logit.")
     if args.consistency_tail_by == "served" and not args.init_from:
         raise DataError("--consistency-tail-by served needs --init-from (its calibration defines the served probability).")
     if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
