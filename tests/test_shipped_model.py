@@ -117,7 +117,7 @@ def test_robustness_benchmark_counts_what_a_user_would_see(shipped, real_images)
     films = [model.decode_image(p) for c in ("NORMAL", "PNEUMONIA") for p in real_images[c]]
     swap = {id(g): films[(i + len(films) // 2) % len(films)] for i, g in enumerate(films)}
     out = measure(shipped, films, {"same": lambda g: g, "other_class": lambda g: swap[id(g)]})
-    assert out["same"] == {"mean": 0.0, "max": 0.0, "p95": 0.0, "flips": 0, "confident_flips": 0}
+    assert out["same"] == {"mean": 0.0, "max": 0.0, "p95": 0.0, "over_target": 0, "flips": 0, "confident_flips": 0}
     p = shipped.predict_proba(films)
     q = shipped.predict_proba([swap[id(g)] for g in films])
     called = lambda x: x >= shipped.threshold  # noqa: E731
@@ -129,3 +129,21 @@ def test_robustness_benchmark_counts_what_a_user_would_see(shipped, real_images)
     wide = measure(shipped, films, {"other_class": lambda g: swap[id(g)]}, band=1.0)
     assert wide["other_class"]["confident_flips"] == 0  # a band that covers everything leaves no confident call
     assert out["other_class"]["mean"] == pytest.approx(float(np.abs(p - q).mean()), abs=1e-4)
+    assert out["other_class"]["over_target"] == int((np.abs(p - q) > 0.10).sum()) > 0
+
+
+def test_max_difference_interval_separates_a_real_gap_from_one_film():
+    """Paired bootstrap of max(dp) - max(other): a tail higher on many films is a real difference; the same tail
+    but for one film's larger value is not (the interval spans 0), though the point difference is as large."""
+    from benchmarks.robustness import max_difference
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 0.05, 1000)
+    higher = base.copy()
+    higher[:40] += 0.06  # forty films move well above the other's maximum
+    d, lo, hi = max_difference(higher, base)
+    assert d == pytest.approx(higher.max() - base.max()) and 0 < lo <= d <= hi
+    one = base.copy()
+    one[0] = base.max() + 0.06  # one film alone
+    d1, lo1, hi1 = max_difference(one, base)
+    assert d1 == pytest.approx(0.06) and lo1 <= 0 < hi1
