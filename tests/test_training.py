@@ -142,10 +142,11 @@ def test_fine_tuning_keeps_the_parents_validation_films(trained, data_dir, cache
     assert training["split_from"] == str(trained / "split.csv") and training["hyperparameters"]["served_consistency"] == 50
     fresh = train(tmp_path / "fresh", data_dir, cache, "--epochs", "1", "--seed", "1", "--init-from", str(trained),
                   "--split-file", "", "--consistency-symmetric", "--consistency-tail", "0.5",  # both views trained
-                  "--consistency-tail-by", "served")
+                  "--consistency-tail-by", "served", "--feature-consistency", "5")
     assert val(fresh) != val(trained)
     hyper = model.load_model(fresh).meta.training["hyperparameters"]
     assert hyper["consistency_symmetric"] is True and hyper["consistency_tail"] == 0.5 and hyper["consistency_tail_by"] == "served"
+    assert hyper["feature_consistency"] == 5
 
 
 def test_logit_consistency_is_blind_to_neither_the_boundary_nor_the_scale():
@@ -235,6 +236,58 @@ def test_symmetric_consistency_trains_the_films_own_view(symmetric):
 
     a, b = updated(other_films[0]), updated(other_films[1])
     assert torch.equal(a, b) != symmetric
+
+
+def test_feature_consistency_measures_the_heads_input_without_scale():
+    """The term reads the classifier head's input (a ResNet's 512 pooled features), is 0 when they hold still,
+    and does not change when every feature is scaled (so shrinking the features cannot meet it)."""
+    import torch
+
+    from model.registry import create_model, get_spec
+
+    net = create_model("resnet18", num_classes=2, in_chans=1).eval()
+    tap = train_cli.FeatureTap(net.get_submodule(get_spec("resnet18").classifier))
+    x = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = net(x)
+        features = tap.pop()
+    assert features.shape == (4, 512) and tap.features is None
+    assert torch.allclose(net.fc(features), logits, atol=1e-5)
+    moved = features.clone()
+    moved[0] += 0.1 * features.std()
+    loss = float(train_cli.feature_consistency_loss(moved, features))
+    assert float(train_cli.feature_consistency_loss(features, features)) == 0.0 < loss
+    assert float(train_cli.feature_consistency_loss(3 * moved, 3 * features)) == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_feature_consistency_changes_the_update(symmetric):
+    """One SGD step with the term on differs from one without it, with the film's view fixed or trained."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(8, 2, 1, 4, 4, generator=gen), torch.tensor([0, 1] * 4))]
+
+    def updated(weight):
+        flags = ["--out", "x", "--consistency", "1", "--feature-consistency", str(weight), "--quiet"]
+        args = train_cli.get_args_parser().parse_args(flags + (["--consistency-symmetric"] if symmetric else []))
+        args.device, args.amp, args.channels_last, args.world_size, args.rank, args.distributed = (
+            torch.device("cpu"), False, False, 1, 0, False)
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        tap = train_cli.FeatureTap(net[3]) if weight else None
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        train_cli.train_one_epoch(net, torch.nn.CrossEntropyLoss(), opt, sched, batch, args, 0, tap=tap)
+        return net[1].weight.detach().clone()
+
+    assert not torch.allclose(updated(0), updated(10))
+
+
+def test_feature_consistency_needs_the_consistency_pair(tmp_path):
+    for flags in (["--feature-consistency", "-1"], ["--feature-consistency", "5", "--consistency", "0"]):
+        with pytest.raises(train_cli.DataError, match="--feature-consistency"):
+            train_cli.main(train_cli.get_args_parser().parse_args(["--out", str(tmp_path / "x")] + flags))
 
 
 def test_consistency_weight_ramps_from_zero_only_when_asked():

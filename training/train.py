@@ -33,7 +33,7 @@ from model.artifact import HISTORY_FILE, META_FILE, REPORT_FILE, SPLIT_FILE, Mod
 from model.classifier import calibrated_probs
 from model.metrics import operating_points
 from model.preprocessing import SPECTRUM_RINGS, equalize, match_spectrum, normalize, radial_spectrum
-from model.registry import PretrainedWeightsUnavailable, list_models
+from model.registry import PretrainedWeightsUnavailable, get_spec, list_models
 
 from .calibration import fit_calibration
 from .data import (
@@ -139,6 +139,35 @@ def consistency_weight(args, epoch: int, step: int, steps: int) -> float:
     return args.consistency * min(1.0, (epoch + step / max(steps, 1)) / args.consistency_warmup)
 
 
+def feature_consistency_loss(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Squared distance of a perturbed copy's pooled features (the classifier head's input) from its film's,
+    over the batch's total feature variance.
+
+    Why: the log-odds terms see a film's change only along the head's one direction, and most films sit far
+    from the boundary, where that change moves nothing a user sees; the films at the top of the robustness
+    tail are the few ambiguous ones (v11: P 0.34-0.85). Asking every film's features to hold still teaches the
+    invariance from all films at once, including the direction an ambiguous film would move along.
+    Divided by the spread, as the log-odds term, so it cannot be met by shrinking the features.
+    """
+    sq = (features.float() - reference.float()).pow(2).sum(1).mean()
+    return sq / features.float().var(0, unbiased=False).sum().clamp(min=1e-6)
+
+
+class FeatureTap:
+    """Keeps the input of a network's classifier head (its pooled features) from the last forward pass."""
+
+    def __init__(self, head: nn.Module):
+        self.features = None
+        self.handle = head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs) -> None:
+        self.features = inputs[0]
+
+    def pop(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        return features.flatten(1)
+
+
 def served_consistency_loss(logits: torch.Tensor, reference: torch.Tensor, temperature: float, bias: float) -> torch.Tensor:
     """Squared difference of the *served* (calibrated) probabilities of a film and its perturbed copy.
 
@@ -157,7 +186,7 @@ def served_change(logits: torch.Tensor, reference: torch.Tensor, temperature: fl
     return (served[0] - served[1]).abs()
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None) -> dict:
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch, scaler=None, ema=None, tap=None) -> dict:
     model.train()
     total, invariance, n, seen, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(args) or args.quiet, leave=False)
@@ -168,17 +197,22 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, args, epoch,
                 reference, images = _channels_last(images[:, 0], args), _channels_last(images[:, 1], args)
                 if args.consistency_symmetric:  # both views in one batch, both trained: the film moves too
                     reference_logits, logits = model(torch.cat([reference, images])).float().chunk(2)
+                    reference_features, features = tap.pop().chunk(2) if tap is not None else (None, None)
                     classification = (criterion(logits, target) + criterion(reference_logits, target)) / 2
                 else:
                     with torch.no_grad():
                         reference_logits = model(reference).float()
+                        reference_features = tap.pop() if tap is not None else None
                     logits = model(images).float()
+                    features = tap.pop() if tap is not None else None
                     classification = criterion(logits, target)
                 weight = consistency_weight(args, epoch, step, len(loader))
                 rank = None
                 if args.consistency_tail_by == "served":  # the films whose shown probability moved most
                     rank = served_change(logits.detach(), reference_logits.detach(), *args.served_calibration)
                 term = weight * consistency_loss(logits, reference_logits, args.consistency_loss, args.consistency_tail, rank)
+                if tap is not None:
+                    term = term + args.feature_consistency * feature_consistency_loss(features, reference_features)
                 invariance += term.item() * len(target)
                 loss = classification + term
                 if args.served_consistency > 0:
@@ -328,6 +362,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "served probability under the --init-from model's calibration (films near the decision boundary)")
     p.add_argument("--consistency-warmup", default=0.0, type=float,
                    help="epochs over which the consistency weight ramps linearly from 0 (training from scratch)")
+    p.add_argument("--feature-consistency", default=0.0, type=float,
+                   help="weight of a consistency term on the pooled features (the classifier head's input) of a film and "
+                        "its perturbed copy, over their batch variance: every film's features hold still, not only the "
+                        "log-odds; 0 disables")
     p.add_argument("--served-consistency", default=0.0, type=float,
                    help="weight of a second consistency term on the served (calibrated) probability, with the "
                         "--init-from model's calibration: pulls hardest on films near the decision boundary; 0 disables")
@@ -405,6 +443,8 @@ def main(args) -> Path | None:
         raise DataError("--consistency-tail averages the log-odds term: it needs --consistency-loss logit.")
     if args.consistency_tail_by == "served" and not args.init_from:
         raise DataError("--consistency-tail-by served needs --init-from (its calibration defines the served probability).")
+    if args.feature_consistency < 0 or (args.feature_consistency > 0 and not (args.consistency > 0 and args.perturb_p > 0)):
+        raise DataError("--feature-consistency must be >= 0 and needs the consistency pair (--consistency > 0, --perturb-p > 0).")
     if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
         raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
                         "and the consistency pair (--consistency > 0, --perturb-p > 0).")
@@ -475,6 +515,9 @@ def main(args) -> Path | None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
+    tap = None  # registered after the EMA copy, which needs no tap
+    if args.feature_consistency > 0:
+        tap = FeatureTap(model.get_submodule(get_spec(args.arch).classifier))
     ddp_model = nn.parallel.DistributedDataParallel(model) if args.distributed else model
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss(weight=class_weights.cpu())
@@ -515,7 +558,7 @@ def main(args) -> Path | None:
         else:
             train_sampler.generator.manual_seed(args.seed + epoch)
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
-        row.update(train_one_epoch(ddp_model, criterion, optimizer, scheduler, train_loader, args, epoch, scaler, ema))
+        row.update(train_one_epoch(ddp_model, criterion, optimizer, scheduler, train_loader, args, epoch, scaler, ema, tap))
         t_eval = time.perf_counter()
         candidates = {"model": evaluate(model, eval_criterion, val_loader, args)}
         if ema is not None:
@@ -609,7 +652,7 @@ def main(args) -> Path | None:
                                                                "label_smoothing", "ema_decay", "patience", "val_fraction",
                                                                "equalize", "equalize_sigma", "match_spectrum", "band_limit", "perturb_p", "consistency", "consistency_loss",
                                                                "consistency_warmup", "consistency_symmetric", "consistency_tail", "consistency_tail_by",
-                                                               "served_consistency", "clip_grad_norm",
+                                                               "served_consistency", "feature_consistency", "clip_grad_norm",
                                                                "bn_update", "amp")},
         },
     )
