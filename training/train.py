@@ -443,9 +443,10 @@ def main(args) -> Path | None:
         raise DataError("--consistency-tail averages the log-odds term: it needs --consistency-loss logit.")
     if args.consistency_tail_by == "served" and not args.init_from:
         raise DataError("--consistency-tail-by served needs --init-from (its calibration defines the served probability).")
-    if args.feature_consistency < 0 or (args.feature_consistency > 0 and not (args.consistency > 0 and args.perturb_p > 0)):
+    pair = args.consistency > 0 and args.perturb_p > 0  # each film trained beside a perturbed copy of itself
+    if args.feature_consistency < 0 or (args.feature_consistency > 0 and not pair):
         raise DataError("--feature-consistency must be >= 0 and needs the consistency pair (--consistency > 0, --perturb-p > 0).")
-    if args.served_consistency > 0 and not (args.init_from and args.consistency > 0 and args.perturb_p > 0):
+    if args.served_consistency > 0 and not (args.init_from and pair):
         raise DataError("--served-consistency needs --init-from (its calibration defines the served probability) "
                         "and the consistency pair (--consistency > 0, --perturb-p > 0).")
     split_file = args.split_file
@@ -486,7 +487,7 @@ def main(args) -> Path | None:
                              equalize_sigma=args.equalize_sigma, band_limit=band)
     perturb = AcquisitionPerturb(args.perturb_p) if args.perturb_p > 0 else None
     train_ds = XrayTensorDataset(tr_img, tr_y, norm, train_transform(args.image_size), perturb,
-                                 views=2 if perturb is not None and args.consistency > 0 else 1)
+                                 views=2 if pair else 1)
     val_ds = Indexed(XrayTensorDataset(va_img, va_y, norm))
     if args.distributed:
         train_sampler = torch.utils.data.distributed.DistributedSampler(train_ds, shuffle=True, seed=args.seed)
