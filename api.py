@@ -4,10 +4,10 @@
 
     GET  /health        -> model name, weights sha256, threshold, calibrated prevalence, default band, gate present,
                            limits, disclaimer
-    POST /predict[?threshold=&band=&cam=gradcam&opacity=&force=]
+    POST /predict[?threshold=&band=&cam=gradcam&opacity=&force=&exports=]
          body: the image file itself (any format the app accepts), or multipart/form-data with one field "file"
          -> {"probability", "decision", "input_check", "reliable", "threshold", "band", "model", ...
-             [+ "overlay_png_base64"]}
+             [+ "overlay_png_base64"] [+ "export_stability": P per re-export, max change, stable]}
     POST /predict/batch[?threshold=&band=&force=]
          body: multipart/form-data with up to MAX_BATCH_FILES fields named "files"
          -> {"results": [one entry per file, in upload order, each a prediction or {"error": ...}], ...}
@@ -85,6 +85,15 @@ class InputCheckModel(BaseModel):
     reason: str | None = Field(None, description="A sentence for the user when flagged (or a caution), else null.")
 
 
+class ExportStabilityModel(BaseModel):
+    probability: float = Field(description="P(pneumonia) of the copy the re-exports are made of (fitted within 1024 px).")
+    scores: dict[str, float] = Field(description="P(pneumonia) per re-export, by name (see model/exports.py).")
+    max_change: float = Field(description="Largest |change in P| over the re-exports.")
+    changed_decisions: list[str] = Field(description="Re-exports whose decision differs at this threshold and band.")
+    stable: bool = Field(description=f"True when max_change <= {model.STABLE_CHANGE} and no decision changes.")
+    skipped: dict[str, str] = Field(default_factory=dict, description="Re-exports not made of this image, and why.")
+
+
 class PredictResponse(BaseModel):
     probability: float | None = Field(description="Calibrated P(pneumonia); null when the input check flagged the "
                                                   "image and force=true was not given.", examples=[0.93])
@@ -101,6 +110,8 @@ class PredictResponse(BaseModel):
     disclaimer: str
     overlay_png_base64: str | None = Field(None, description="Heatmap overlay (PNG, base64) when cam= was given.")
     cam_method: str | None = None
+    export_stability: ExportStabilityModel | None = Field(
+        None, description="With exports=true: the image re-scored as 11 other exports would have made it.")
 
 
 class BatchItem(BaseModel):
@@ -430,6 +441,8 @@ async def predict(
     opacity: Annotated[float, Query(ge=0.0, le=1.0, allow_inf_nan=False, description="Heatmap opacity in the overlay.",
                                     examples=[0.45])] = 0.45,
     force: Force = False,
+    exports: Annotated[bool, Query(description="Also re-score the image as 11 other exports would have made it (a softer "
+                                               "device, gamma, JPEG, sharpening, ...) and say how far P moves.")] = False,
 ) -> Any:
     """Score one image: the raw file as the body, or multipart/form-data with the field `file`."""
     is_multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
@@ -454,6 +467,11 @@ async def predict(
         else:
             pred = clf.predict([decoded])[0]
             prob, check = pred.probability, pred.check
+        if exports and (not check.flagged or force):
+            moved = model.export_stability(clf, gray)
+            out["export_stability"] = {"probability": moved.probability, "scores": moved.scores, "max_change": moved.max_change,
+                                       "changed_decisions": moved.changed_decisions(t, band), "stable": moved.stable(t, band),
+                                       "skipped": moved.skipped}
         return {**_outcome(prob, check, t, band, force), "forced": force, "threshold": t, "band": band,
                 "image_size": [int(gray.shape[1]), int(gray.shape[0])], "model": clf.name,
                 "weights_sha256": clf.meta.weights_sha256, "disclaimer": DISCLAIMER, **out}

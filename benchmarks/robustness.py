@@ -11,56 +11,20 @@ is. With ``--compare`` a second model is scored on the same films and perturbati
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
 
 import model
 from model.decision import DEFAULT_BAND, decide
+from model.exports import EXPORTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-
-
-def _resize(g: np.ndarray, w: int, h: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(g).resize((w, h), Image.BILINEAR))
-
-
-def _levels(g: np.ndarray, f) -> np.ndarray:
-    return np.clip(np.round(f(g.astype(np.float64) / 255.0) * 255.0), 0, 255).astype(np.uint8)
-
-
-def _jpeg(g: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(g).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(buf).convert("L"))
-
-
-def _stretch(g: np.ndarray, lo_q: float = 0.0, hi_q: float = 100.0) -> np.ndarray:
-    lo, hi = np.percentile(g, [lo_q, hi_q])
-    return _levels(g, lambda x: (x - lo / 255.0) / max((hi - lo) / 255.0, 1e-6))
-
-
-PERTURBATIONS = {
-    "down2_up": lambda g: _resize(_resize(g, g.shape[1] // 2, g.shape[0] // 2), g.shape[1], g.shape[0]),
-    "gamma_0.8": lambda g: _levels(g, lambda x: x ** 0.8),
-    "gamma_1.25": lambda g: _levels(g, lambda x: x ** 1.25),
-    "contrast_0.85": lambda g: _levels(g, lambda x: (x - x.mean()) * 0.85 + x.mean()),
-    "minmax_stretch": lambda g: _stretch(g),
-    "jpeg_60": lambda g: _jpeg(g, 60),
-    "window_2pct": lambda g: _stretch(g, 2, 98),
-    "blur_1px": lambda g: np.asarray(Image.fromarray(g).filter(ImageFilter.GaussianBlur(1.0))),
-    "sharpen": lambda g: np.asarray(Image.fromarray(g).filter(ImageFilter.UnsharpMask(radius=2, percent=80, threshold=0))),
-    "noise_3": lambda g: np.clip(g + np.random.default_rng(int(g[0, :8].sum())).normal(0, 3, g.shape), 0, 255).astype(np.uint8),
-    "original_4x": lambda g: _resize(g, g.shape[1] * 4, g.shape[0] * 4),
-}
-
-
+PERTURBATIONS = EXPORTS  # defined once, in model.exports: the diagnose page re-scores a film with the same ones
 MAX_TARGET = 0.10  # the target for the largest |dp| of any film under any one perturbation
 
 

@@ -18,10 +18,12 @@ _EXPORTS = {
     "classifier": ["CAM_LABELS", "CAM_METHODS", "DEFAULT_CAM_METHOD", "Analysis", "Classifier", "Prediction", "default_model_dir",
                    "load_model", "overlay"],
     "decision": ["DEFAULT_BAND", "DISCLAIMER", "NOT_ASSESSED", "at_prevalence", "decide"],
+    "exports": ["EXPORTS"],
     "gate": ["InputCheck"],
     "preprocessing": ["MAX_PIXELS", "DecodedImage", "InvalidImageError", "decode", "decode_image", "load_square", "normalize", "preprocess",
                       "resize_square"],
     "registry": ["PretrainedWeightsUnavailable", "cam_target_layer", "create_model", "get_spec", "list_models"],
+    "stability": ["STABLE_CHANGE", "ExportStability", "export_stability"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -28,6 +28,7 @@ def _sync_uploads() -> None:
 def _clear_results() -> None:
     ss._results = {}
     ss._cams = {}
+    ss._stability = {}
     ss.pop("_open", None)
 
 
@@ -62,6 +63,7 @@ from model.decision import decide  # noqa: E402
 from model.results import (  # noqa: E402
     DICOM_TAGS, json_record, record, records_csv, records_json, result_decision, score_uploads,
 )
+from ui.stability import stability_panel  # noqa: E402
 from ui.viewer import jpeg_data_uri, overlay_png, probability_gauge, xray_figure  # noqa: E402
 
 # ---- score new uploads once per session (keyed by Streamlit's file id) ---------------------------
@@ -208,6 +210,8 @@ def detail(key: str) -> None:
         )
         st.download_button("Overlay (PNG)", lambda: overlay_png(r.display, heat, opacity), f"{r.name}.{method}.png",
                            "image/png", icon=":material/download:", key="dl_png", on_click="ignore")
+    if not r.flagged:
+        stability_panel(clf, r, t, b)
 
 
 detail(open_key)

@@ -124,6 +124,19 @@ def test_predict_threshold_band_and_cam(client, real_images):
     assert r["probability"] == pytest.approx(p, abs=1e-5) and r["cam_method"] == "gradcam"
 
 
+def test_predict_with_exports_re_scores_the_image_as_the_app_does(client, real_images, tiny_classifier):
+    path = real_images["NORMAL"][1]
+    r = client.post("/predict?exports=true&threshold=0.5&band=0.1", content=path.read_bytes())
+    assert r.status_code == 200, r.text
+    got = r.json()["export_stability"]
+    want = model.export_stability(tiny_classifier, model.decode_image(path))
+    assert got["scores"] == pytest.approx(want.scores, abs=1e-6) and list(got["scores"]) == list(model.EXPORTS)
+    assert got["probability"] == pytest.approx(want.probability, abs=1e-6)
+    assert got["max_change"] == pytest.approx(want.max_change, abs=1e-6)
+    assert got["changed_decisions"] == want.changed_decisions(0.5, 0.1) and got["stable"] is want.stable(0.5, 0.1)
+    assert "export_stability" not in client.post("/predict", content=path.read_bytes()).json()  # only when asked
+
+
 @pytest.mark.parametrize("body, query, status, match", [
     (b"not an image", "", 400, "not a recognised image"),
     (b"", "", 400, "empty"),
@@ -412,6 +425,8 @@ def test_flagged_input_is_not_assessed(flagging, real_images):
     assert r["input_check"] == {"flagged": True, "score": 9.5, "reason": FLAG.reason}
     r = flagging.post("/predict?cam=gradcam", content=data).json()
     assert r["decision"] == "NOT_ASSESSED" and "overlay_png_base64" not in r  # no heatmap on an unreadable image
+    r = flagging.post("/predict?exports=true", content=data).json()
+    assert r["decision"] == "NOT_ASSESSED" and "export_stability" not in r  # nor a re-export check
 
 
 def test_force_scores_flagged_input_marked_unreliable(flagging, real_images, tiny_classifier):

@@ -74,6 +74,7 @@ def test_flagged_upload_gets_no_decision_but_a_card_and_a_toggle(at, flagging_ga
     assert any("Unreliable" in c.value for c in at.caption)
     [result] = at.session_state["_results"].values()
     assert result.check.flagged and result.check.reason == REASON
+    assert not [e for e in at.expander if "exported" in e.label]  # no re-export check for an image it was not made for
 
 
 def test_batch_table_and_records_carry_the_check(at, flagging_gate, real_images, app_model):
@@ -156,6 +157,26 @@ def test_gauge_uses_the_threshold_scale(at, real_images):
     assert gauge["value"] == pytest.approx(result.probability)
     assert gauge["gauge"]["axis"]["range"] == [0, 1]
     assert gauge["number"]["valueformat"] == ".3f"
+
+
+def test_re_export_check_runs_when_asked_and_its_verdict_matches_the_scores(at, real_images, app_model):
+    from model.stability import export_stability
+
+    path = real_images["PNEUMONIA"][0]
+    upload(at, [(path.name, path.read_bytes())])
+    assert len([e for e in at.expander if "exported" in e.label]) == 1
+    assert "_stability" not in at.session_state or not at.session_state["_stability"]  # nothing computed until asked
+    [button] = [b for b in at.button if b.key.startswith("stability_")]
+    button.click().run()
+    assert not at.exception, at.exception
+    [result] = at.session_state["_results"].values()
+    [s] = at.session_state["_stability"].values()
+    assert s == export_stability(model.load_model(app_model), result.display)  # the display copy, scored as an upload
+    [table] = [d for d in at.dataframe if len(d.value) == 1 + len(s.scores)]
+    assert list(table.value["P(pneumonia)"])[1:] == pytest.approx(list(s.scores.values()))
+    t, b = at.session_state["threshold"], at.session_state["band"]
+    verdicts = [e.value for e in [*at.success, *at.warning] if "re-export" in e.value]
+    assert len(verdicts) == 1 and verdicts[0].startswith("**Stable") == s.stable(t, b)
 
 
 # ---- the viewer's figure: small on the wire, aligned views --------------------------------------
