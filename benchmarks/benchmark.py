@@ -95,6 +95,10 @@ def bench_model(model_dir: Path, n: int) -> dict:
     big = large_original(files)
     out["predict_2000px_jpeg_ms"] = timeit(lambda: clf.predict_proba(big), max(5, n // 4))
     out["predict_cam_ms"] = {m: timeit(lambda m=m: clf.analyze(pick(), method=m), max(5, n // 2)) for m in model.CAM_METHODS}
+    # the Diagnose page's re-export check, on request: the film and 11 re-exports of its display copy, one batched pass
+    small, large = model.decode_image(blobs[0]), model.decode_image(big)
+    out["export_stability_ms"] = {"224px": timeit(lambda: model.export_stability(clf, small), max(5, n // 4)),
+                                  "2000px": timeit(lambda: model.export_stability(clf, large), max(5, n // 4))}
     meta = clf.meta
     x = torch.stack([clf.to_tensor(model.decode_image(b)) for b in blobs])
     out["batch_img_s"] = {}
@@ -338,6 +342,8 @@ def render(results: dict) -> str:
     for meth, r in m.get("predict_cam_ms", {}).items():
         rows.append((f"predict + {model.CAM_LABELS[meth]} (p50 / p95)", f"{r['p50']:.1f} / {r['p95']:.1f} ms",
                      "<= 150 ms" if meth == "gradcam" else ""))
+    for size, r in m.get("export_stability_ms", {}).items():
+        rows.append((f"re-export check (the film + 11 re-exports), one {size.replace('px', ' px')} film (p50)", f"{r['p50']:.0f} ms", ""))
     for bs, v in m.get("batch_img_s", {}).items():
         rows.append((f"batch throughput, batch {bs}", f"{v:.0f} img/s", ">= 60 img/s" if int(bs) == 32 else ""))
     nv, fo, pr, st = m.get("naive"), m.get("fold"), m.get("precision"), m.get("input_steps")
