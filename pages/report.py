@@ -134,6 +134,20 @@ if faith_rows:
         st.text(faith_note)
     st.dataframe(faith_rows, hide_index=True, width="content", key="faithfulness")
 
+robustness = card.robustness_table(meta, clf.directory)
+if robustness:
+    rows, info = robustness
+    st.subheader("Robustness to how a film was exported")
+    st.caption(f"How far P(pneumonia) moves when each of {info['n_films'] or 'the'} validation films is re-exported another way - "
+               "the re-exports the Diagnose page's check uses - measured by `benchmarks/robustness.py` and stored with the "
+               "model. Target: mean <= 0.01 and max <= 0.10 per re-export. Decisions at the model's default threshold.")
+    if not info["this_model"]:
+        st.warning("These figures were measured on other weights than this model's (the file was left from an earlier "
+                   "model): re-run `benchmarks/robustness.py --out` for this one.", icon=":material/warning:")
+    st.dataframe(rows, hide_index=True, width="stretch", height=38 + 35 * len(rows), key="robustness", column_config={
+        c: st.column_config.NumberColumn(format="%.4f" if c.startswith("mean") else "%.3f")
+        for c in ("mean |change in P|", "max |change in P|")})
+
 independent = card.independent_rows(meta, clf.directory)
 if independent:
     st.subheader("Measured independently")

@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 import model
 from model.artifact import META_FILE
+from model.exports import LABELS
 from tests.conftest import APP, APP_TIMEOUT as TIMEOUT
 from ui import model_card as card
 
@@ -233,6 +234,50 @@ def test_hostile_independent_file_is_ignored(monkeypatch, app_model, tmp_path):
     at = open_report(monkeypatch, d)
     assert "Measured independently" not in [s.value for s in at.subheader]
     assert card.independent_rows(type("M", (), {"weights_sha256": "x", "training": {}})(), d) == []
+
+
+def _robustness(sha: str, perturbations: dict) -> str:
+    return json.dumps({"n_films": 1034, "models": {"model": {"name": "m", "weights_sha256": sha, "perturbations": perturbations}}})
+
+
+def test_robustness_table_from_the_file_beside_the_weights(monkeypatch, app_model, tmp_path):
+    d = variant(app_model, tmp_path / "robust")
+    sha = json.loads((d / META_FILE).read_text())["weights_sha256"]
+    figures = {"sharpen": {"mean": 0.0033, "max": 0.112, "over_target": 4, "flips": 4, "confident_flips": 0},
+               "down2_up": {"mean": 0.0017, "max": 0.071, "over_target": 0, "flips": 0, "confident_flips": 0}}
+    (d / card.ROBUSTNESS_FILE).write_text(_robustness(sha, figures))
+    at = open_report(monkeypatch, d)
+    assert "Robustness to how a film was exported" in [s.value for s in at.subheader]
+    assert any("1034 validation films" in c.value for c in at.caption)
+    assert not any("other weights" in w.value for w in at.warning)
+    table = next(f.value for f in at.dataframe if "re-export" in f.value.columns)
+    assert list(table["re-export"]) == [LABELS["sharpen"], LABELS["down2_up"]]
+    assert list(table["max |change in P|"]) == [0.112, 0.071] and list(table["films over 0.10"]) == [4, 0]
+
+    (d / card.ROBUSTNESS_FILE).write_text(_robustness("ab" * 32, figures))  # left from other weights: said so
+    at = open_report(monkeypatch, d)
+    assert any("other weights" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, "not json", json.dumps({"models": []}),
+                                     json.dumps({"models": {"model": {"perturbations": ["sharpen"]}}}),
+                                     json.dumps({"models": {"model": {"perturbations": {"x": "y"}}}})])
+def test_hostile_robustness_file_costs_the_section_not_the_page(monkeypatch, app_model, tmp_path, content):
+    d = variant(app_model, tmp_path / "hostile")
+    (d / card.ROBUSTNESS_FILE).write_text(content)
+    at = open_report(monkeypatch, d)  # asserts no exception
+    assert "Robustness to how a film was exported" not in [s.value for s in at.subheader]
+    assert "Model card" in [s.value for s in at.subheader]
+
+
+def test_robustness_rows_keep_only_finite_numbers(tmp_path):
+    (tmp_path / card.ROBUSTNESS_FILE).write_text(
+        '{"n_films": true, "models": {"model": {"weights_sha256": "x", "perturbations": {"<b>odd</b>": '
+        '{"mean": NaN, "max": "0.5", "flips": true, "over_target": 3}}}}}')
+    rows, info = card.robustness_table(type("M", (), {"weights_sha256": "x"})(), tmp_path)
+    assert rows == [{"re-export": "<b>odd</b>", "mean |change in P|": None, "max |change in P|": None,
+                     "films over 0.10": 3, "decisions flipped": None, "flipped, neither call UNCERTAIN": None}]
+    assert info == {"n_films": None, "this_model": True}
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------

@@ -147,3 +147,22 @@ def test_max_difference_interval_separates_a_real_gap_from_one_film():
     one[0] = base.max() + 0.06  # one film alone
     d1, lo1, hi1 = max_difference(one, base)
     assert d1 == pytest.approx(0.06) and lo1 <= 0 < hi1
+
+
+def test_the_robustness_figures_beside_the_weights_are_these_weights(shipped, data_dir):
+    """assets/model/robustness.json (shown on the Model report page) measured the shipped weights on their whole
+    validation split: re-measured on a sample of those films, no re-export moves a film further than the file's max."""
+    from benchmarks.robustness import measure
+    from model.exports import EXPORTS
+    from training.data import read_split
+    from ui import model_card as card
+
+    rows, info = card.robustness_table(shipped.meta, SHIPPED)
+    assert info["this_model"] and len(rows) == len(EXPORTS)
+    stored = json.loads((SHIPPED / card.ROBUSTNESS_FILE).read_text())["models"]["model"]["perturbations"]
+    films = read_split(SHIPPED / "split.csv", "val", root=data_dir)
+    assert info["n_films"] == len(films)
+    sample = [model.decode_image(s.path) for s in films[::40]]
+    out = measure(shipped, sample, {k: EXPORTS[k] for k in ("sharpen", "down2_up", "noise_3")})
+    for name, figures in out.items():
+        assert figures["max"] <= stored[name]["max"] + 1e-4, name

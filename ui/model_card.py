@@ -23,6 +23,7 @@ KERMANY_CREDIT = (
 _KERMANY_WORDS = re.compile(r"kermany|guangzhou", re.I)
 FAITHFULNESS_FILE = "faithfulness.json"
 INDEPENDENT_FILE = "independent.json"
+ROBUSTNESS_FILE = "robustness.json"
 _INDEPENDENT_METRICS = ("threshold", "auc", "accuracy", "sensitivity", "specificity", "ece", "tn", "fp", "fn", "tp")
 
 
@@ -254,6 +255,45 @@ def faithfulness_rows(meta, directory=None) -> tuple[list[dict], str | None]:
         return [], None
     rows = [{str(k): _plain(v) for k, v in r.items()} for r in data if isinstance(r, dict)]
     return rows, note
+
+
+# ---- robustness to re-exports -------------------------------------------------------------------------
+
+_ROBUSTNESS_COLUMNS = {"mean": "mean |change in P|", "max": "max |change in P|", "over_target": "films over 0.10",
+                       "flips": "decisions flipped", "confident_flips": "flipped, neither call UNCERTAIN"}
+
+
+def robustness_table(meta, directory=None) -> tuple[list[dict], dict] | None:
+    """Rows per re-export of ``robustness.json`` beside the weights (``benchmarks.robustness --out``) and
+    ``{"n_films", "this_model"}``; None when there is none or it cannot be read.
+
+    Why ``this_model``: a model re-finalised or fine-tuned into the same folder inherits the file, and figures of
+    other weights must not read as this model's."""
+    from model.artifact import ModelArtifactError, read_json
+    from model.exports import LABELS
+
+    try:
+        data = read_json(directory, ROBUSTNESS_FILE) if directory else None
+    except (ModelArtifactError, OSError):
+        return None
+    measured = ((data.get("models") or {}).get("model") if isinstance(data, dict) and isinstance(data.get("models"), dict)
+                else None)
+    per = measured.get("perturbations") if isinstance(measured, dict) else None
+    if not isinstance(per, dict):
+        return None
+    rows = []
+    for name, figures in per.items():
+        if not isinstance(figures, dict):
+            continue
+        row = {"re-export": LABELS.get(str(name), str(name))}
+        for key, column in _ROBUSTNESS_COLUMNS.items():
+            v = figures.get(key)
+            row[column] = v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+        rows.append(row)
+    n = data.get("n_films")
+    info = {"n_films": n if isinstance(n, int) and not isinstance(n, bool) else None,
+            "this_model": bool(measured.get("weights_sha256")) and measured.get("weights_sha256") == meta.weights_sha256}
+    return (rows, info) if rows else None
 
 
 # ---- figures measured by others ---------------------------------------------------------------------
