@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from model.decision import decide
-from model.exports import LABELS
+from model.exports import EXPORTS, LABELS
 from model.stability import STABLE_CHANGE, ExportStability, export_stability
 
 
@@ -38,7 +38,7 @@ def stability_panel(clf, result, threshold: float, band: float) -> None:
                    "A stable score is not a correct one; an unstable one says the film is hard for the model.")
         s = store.get(result.sha256)
         if s is None:
-            if not st.button("Re-score 11 re-exports", icon=":material/replay:", key=f"stability_{result.sha256[:16]}"):
+            if not st.button(f"Re-score {len(EXPORTS)} re-exports", icon=":material/replay:", key=f"stability_{result.sha256[:16]}"):
                 return
             with st.spinner("Re-scoring the re-exports..."):
                 s = store[result.sha256] = export_stability(clf, result.display)
