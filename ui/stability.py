@@ -14,10 +14,10 @@ from model.stability import STABLE_CHANGE, ExportStability, export_stability
 
 
 def _verdict(s: ExportStability, threshold: float, band: float) -> tuple[str, str]:
-    changed = s.changed_decisions(threshold, band)
+    changed, decisions = s.changed_decisions(threshold, band), s.decisions(threshold, band)
     n = len(s.scores)
     if changed:
-        calls = sorted({s.decisions(threshold, band)[k] for k in changed})
+        calls = sorted({decisions[k] for k in changed})
         return "warning", (f"**The decision depends on how this film was exported:** {len(changed)} of {n} re-exports "
                            f"are called {' / '.join(calls)} at this threshold ({', '.join(LABELS[k] for k in changed)}). "
                            "Read this score with care.")
@@ -46,7 +46,8 @@ def stability_panel(clf, result, threshold: float, band: float) -> None:
         getattr(st, kind)(text)
         rows = [{"export": "this film (display copy)", "P(pneumonia)": s.probability, "change": 0.0,
                  "decision": decide(s.probability, threshold, band)}]
-        rows += [{"export": LABELS[k], "P(pneumonia)": p, "change": p - s.probability, "decision": decide(p, threshold, band)}
+        decisions = s.decisions(threshold, band)
+        rows += [{"export": LABELS[k], "P(pneumonia)": p, "change": p - s.probability, "decision": decisions[k]}
                  for k, p in s.scores.items()]
         st.dataframe(rows, hide_index=True, width="stretch", key=f"stability_table_{result.sha256[:16]}", column_config={
             "P(pneumonia)": st.column_config.NumberColumn(format="%.3f"),
