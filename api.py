@@ -111,7 +111,7 @@ class PredictResponse(BaseModel):
     overlay_png_base64: str | None = Field(None, description="Heatmap overlay (PNG, base64) when cam= was given.")
     cam_method: str | None = None
     export_stability: ExportStabilityModel | None = Field(
-        None, description="With exports=true: the image re-scored as 11 other exports would have made it.")
+        None, description=f"With exports=true: the image re-scored as {len(model.EXPORTS)} other exports would have made it.")
 
 
 class BatchItem(BaseModel):
@@ -441,7 +441,7 @@ async def predict(
     opacity: Annotated[float, Query(ge=0.0, le=1.0, allow_inf_nan=False, description="Heatmap opacity in the overlay.",
                                     examples=[0.45])] = 0.45,
     force: Force = False,
-    exports: Annotated[bool, Query(description="Also re-score the image as 11 other exports would have made it (a softer "
+    exports: Annotated[bool, Query(description=f"Also re-score the image as {len(model.EXPORTS)} other exports would have made it (a softer "
                                                "device, gamma, JPEG, sharpening, ...) and say how far P moves.")] = False,
 ) -> Any:
     """Score one image: the raw file as the body, or multipart/form-data with the field `file`."""

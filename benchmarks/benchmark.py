@@ -343,7 +343,7 @@ def render(results: dict) -> str:
         rows.append((f"predict + {model.CAM_LABELS[meth]} (p50 / p95)", f"{r['p50']:.1f} / {r['p95']:.1f} ms",
                      "<= 150 ms" if meth == "gradcam" else ""))
     for size, r in m.get("export_stability_ms", {}).items():
-        rows.append((f"re-export check (the film + 11 re-exports), one {size.replace('px', ' px')} film (p50)", f"{r['p50']:.0f} ms", ""))
+        rows.append((f"re-export check (the film + {len(model.EXPORTS)} re-exports), one {size.replace('px', ' px')} film (p50)", f"{r['p50']:.0f} ms", ""))
     for bs, v in m.get("batch_img_s", {}).items():
         rows.append((f"batch throughput, batch {bs}", f"{v:.0f} img/s", ">= 60 img/s" if int(bs) == 32 else ""))
     nv, fo, pr, st = m.get("naive"), m.get("fold"), m.get("precision"), m.get("input_steps")
